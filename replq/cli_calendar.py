@@ -1,0 +1,1 @@
+"""replq commands: calendar (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""replq commands: inventory (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""replq commands: jobs (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""replq commands: run (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""replq commands: sandbox (filled in by its issue)."""

@@ -1,0 +1,48 @@
+"""Where this process finds Redis and which node it is (SPEC §8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def state_dir() -> Path:
+    """Per-user directory holding the pointer to the running sandbox."""
+    base = os.environ.get("REPLQ_STATE_DIR")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "replq"
+
+
+def sandbox_pointer() -> Path:
+    return state_dir() / "sandbox.json"
+
+
+def sandbox_info() -> dict | None:
+    """The running sandbox's description written by `sandbox up`, if any."""
+    try:
+        return json.loads(sandbox_pointer().read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def redis_url(explicit: str | None = None) -> str:
+    """--redis, then REPLQ_REDIS_URL, then a sandbox started by this user, then the default."""
+    if explicit:
+        return explicit
+    env = os.environ.get("REPLQ_REDIS_URL")
+    if env:
+        return env
+    info = sandbox_info()
+    if info and info.get("redis_url"):
+        return str(info["redis_url"])
+    return DEFAULT_REDIS_URL
+
+
+def local_node(explicit: str | None = None) -> str:
+    """--node, then REPLQ_NODE, then the host name."""
+    return explicit or os.environ.get("REPLQ_NODE") or socket.gethostname().split(".")[0]
