@@ -1,0 +1,3 @@
+from replq.cli import main
+
+main()
