@@ -46,3 +46,18 @@ def redis_url(explicit: str | None = None) -> str:
 def local_node(explicit: str | None = None) -> str:
     """--node, then REPLQ_NODE, then the host name."""
     return explicit or os.environ.get("REPLQ_NODE") or socket.gethostname().split(".")[0]
+
+
+def ssh_key_path() -> Path:
+    """The private key used to reach other nodes: REPLQ_SSH_KEY, the sandbox's key, ~/.ssh."""
+    env = os.environ.get("REPLQ_SSH_KEY")
+    if env:
+        return Path(env)
+    info = sandbox_info()
+    if info and info.get("ssh_key") and not os.environ.get("REPLQ_REDIS_URL"):
+        return Path(info["ssh_key"])
+    ssh_dir = Path.home() / ".ssh"
+    for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
+        if (ssh_dir / name).exists():
+            return ssh_dir / name
+    return ssh_dir / "id_ed25519"
