@@ -1,0 +1,409 @@
+"""The one door to `zfs`: command lines, output parsing, error mapping, feature detection.
+
+Every zfs command replq runs is built here as an argv list from validated names (never a
+shell string); a command for another node is the same argv, joined with shlex.quote by the
+SSH exec (`remote_command`). Output is parsed from `zfs get -Hp`, which works on zfs-fuse
+(pool version 23: its `zfs list` has no -p and prints guids as "2.04E") as well as on
+OpenZFS. Error text is mapped to typed errors with operator-facing messages.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from replq.errors import ServiceError, ValidationError
+from replq.plan import Snapshot
+
+ZFS = "zfs"
+# ZFS component names: alphanumerics and _ - . : ; never starting with '-' (it would read as
+# an option) and no spaces, so a name is always exactly one argv word.
+_COMPONENT = r"[A-Za-z0-9_][A-Za-z0-9_.:-]*"
+DATASET_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+SNAPNAME_RE = re.compile(rf"^{_COMPONENT}$")
+MAX_NAME = 255
+
+
+# ---------------------------------------------------------------------------------- names
+
+
+def validate_dataset(name: str) -> str:
+    if not isinstance(name, str) or len(name) > MAX_NAME or not DATASET_RE.match(name):
+        raise ValidationError(f"invalid ZFS dataset name {name!r}")
+    return name
+
+
+def validate_snapname(name: str) -> str:
+    if not isinstance(name, str) or len(name) > MAX_NAME or not SNAPNAME_RE.match(name):
+        raise ValidationError(f"invalid ZFS snapshot name {name!r}")
+    return name
+
+
+def snapshot_ref(dataset: str, snap: str) -> str:
+    """`dataset@snap`, both parts validated."""
+    return f"{validate_dataset(dataset)}@{validate_snapname(snap)}"
+
+
+def remote_command(argv: Sequence[str]) -> str:
+    """The command string for an SSH exec: each word quoted, so the remote shell sees argv."""
+    return shlex.join(argv)
+
+
+# ---------------------------------------------------------------------------------- argv
+
+
+def list_argv(roots: Iterable[str]) -> list[str]:
+    """Datasets and snapshots under each root, with guid and creation as raw numbers."""
+    return [ZFS, "get", "-Hp", "-r", "-o", "name,property,value", "type,guid,creation", "--",
+            *(validate_dataset(r) for r in roots)]  # fmt: skip
+
+
+def get_argv(props: Sequence[str], targets: Iterable[str]) -> list[str]:
+    for p in props:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", p):
+            raise ValidationError(f"invalid ZFS property {p!r}")
+    names = []
+    for t in targets:
+        if "@" in t:
+            ds, snap = t.split("@", 1)
+            names.append(snapshot_ref(ds, snap))
+        else:
+            names.append(validate_dataset(t))
+    return [ZFS, "get", "-Hp", "-o", "name,property,value", ",".join(props), "--", *names]
+
+
+def snapshot_argv(dataset: str, snap: str) -> list[str]:
+    return [ZFS, "snapshot", "--", snapshot_ref(dataset, snap)]
+
+
+def destroy_snapshot_argv(dataset: str, snap: str) -> list[str]:
+    return [ZFS, "destroy", "--", snapshot_ref(dataset, snap)]
+
+
+def destroy_dataset_argv(dataset: str) -> list[str]:
+    """Destroy a volume with its snapshots (-r); never a pool root (no '/' in the name)."""
+    if "/" not in validate_dataset(dataset):
+        raise ValidationError(f"refusing to destroy pool root {dataset!r}")
+    return [ZFS, "destroy", "-r", "--", dataset]
+
+
+def rollback_argv(dataset: str, snap: str) -> list[str]:
+    """Roll back to `snap`, destroying later snapshots (a failed receive's leftovers)."""
+    return [ZFS, "rollback", "-r", "--", snapshot_ref(dataset, snap)]
+
+
+def send_argv(dataset: str, snap: str, base: str | None = None) -> list[str]:
+    """`zfs send -Rp [-I base] dataset@snap` (SPEC §5 step 7)."""
+    argv = [ZFS, "send", "-Rp"]
+    if base is not None:
+        argv += ["-I", snapshot_ref(dataset, base)]
+    return argv + [snapshot_ref(dataset, snap)]
+
+
+def recv_argv(dataset: str) -> list[str]:
+    return [ZFS, "recv", "-F", "--", validate_dataset(dataset)]
+
+
+def send_estimate_argv(dataset: str, snap: str, base: str | None = None) -> list[str]:
+    """Dry-run size estimate (OpenZFS only: `send -nvP`)."""
+    argv = [ZFS, "send", "-nvP", "-Rp"]
+    if base is not None:
+        argv += ["-I", snapshot_ref(dataset, base)]
+    return argv + [snapshot_ref(dataset, snap)]
+
+
+# ---------------------------------------------------------------------------------- parsing
+
+
+def parse_get(text: str) -> dict[str, dict[str, str]]:
+    """`zfs get -Hp -o name,property,value` output → {name: {property: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise ServiceError(f"unexpected zfs output line: {line!r}")
+        name, prop, value = parts
+        out.setdefault(name, {})[prop] = value
+    return out
+
+
+def parse_listing(text: str) -> dict[str, list[Snapshot]]:
+    """Output of `list_argv` → {dataset: [Snapshot, ...]} (datasets without snapshots map to [])."""
+    props = parse_get(text)
+    listing: dict[str, list[Snapshot]] = {}
+    snaps: list[tuple[str, Snapshot]] = []
+    for name, p in props.items():
+        kind = p.get("type")
+        if kind == "snapshot" or (kind is None and "@" in name):
+            ds, short = name.split("@", 1)
+            snaps.append((ds, Snapshot(short, _int(p.get("guid"), name), _int(p.get("creation"), name))))
+        elif kind in ("filesystem", "volume"):
+            listing.setdefault(name, [])
+    for ds, s in snaps:
+        listing.setdefault(ds, []).append(s)
+    for v in listing.values():
+        v.sort(key=lambda s: (s.creation, s.name))
+    return listing
+
+
+def parse_snapshot_list(text: str) -> dict[str, list[Snapshot]]:
+    """`zfs list -Hp -o name,guid,creation -t snapshot` (OpenZFS) → {dataset: [Snapshot, ...]}."""
+    listing: dict[str, list[Snapshot]] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 3 or "@" not in parts[0]:
+            raise ServiceError(f"unexpected zfs output line: {line!r}")
+        ds, short = parts[0].split("@", 1)
+        listing.setdefault(ds, []).append(Snapshot(short, _int(parts[1], parts[0]), _int(parts[2], parts[0])))
+    for v in listing.values():
+        v.sort(key=lambda s: (s.creation, s.name))
+    return listing
+
+
+def parse_estimate(text: str) -> int | None:
+    """The total of `zfs send -nvP` ("size\t12345"), if present."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "size" and parts[1].isdigit():
+            return int(parts[1])
+    return None
+
+
+def _int(value: str | None, name: str) -> int:
+    try:
+        return int(value or "")
+    except ValueError:
+        raise ServiceError(f"unexpected zfs value {value!r} for {name} (not a raw number)") from None
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+class ZfsError(ServiceError):
+    """A zfs command failed; the message is the operator's view, `detail` the zfs text."""
+
+    retryable = False
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class NoSpace(ZfsError):
+    """The pool is full: an operator must free space; retrying alone will not help."""
+
+
+class DatasetBusy(ZfsError):
+    retryable = True
+
+
+class DatasetNotFound(ZfsError):
+    pass
+
+
+class DatasetExists(ZfsError):
+    pass
+
+
+class TargetModified(ZfsError):
+    retryable = True
+
+
+class StreamBroken(ZfsError):
+    """The send stream ended early or was corrupted (sender killed, connection lost)."""
+
+    retryable = True
+
+
+class ZfsUnavailable(ZfsError):
+    """The zfs service (kernel module / zfs-fuse daemon) is not answering."""
+
+    retryable = True
+
+
+class Unsupported(ZfsError):
+    pass
+
+
+_ERROR_PATTERNS: list[tuple[re.Pattern[str], type[ZfsError]]] = [
+    (re.compile(r"out of space|no space left|insufficient space|ENOSPC|quota exceeded", re.I), NoSpace),
+    (re.compile(r"dataset is busy|pool is busy|device busy|resource busy|EBUSY", re.I), DatasetBusy),
+    (re.compile(r"has been modified|destination .* modified", re.I), TargetModified),
+    (re.compile(r"invalid backup stream|checksum mismatch|premature|incomplete stream|unexpected end|"
+                r"stream .* (?:ended|truncated)|input/output error|broken pipe", re.I), StreamBroken),  # fmt: skip
+    (re.compile(r"zfs-fuse daemon|connect: connection refused|failed to initialize zfs library|"
+                r"/dev/zfs", re.I), ZfsUnavailable),  # fmt: skip
+    (re.compile(r"does not exist|no such pool|no such dataset", re.I), DatasetNotFound),
+    (re.compile(r"already exists|destination .* exists", re.I), DatasetExists),
+    (re.compile(r"invalid option|unrecognized option|invalid property|unknown option", re.I), Unsupported),
+]
+
+
+def first_error_line(stderr: str) -> str:
+    """The zfs message itself: the first non-empty line that is not usage help."""
+    for line in stderr.splitlines():
+        line = line.strip()
+        if line and not line.startswith("usage:"):
+            return line
+    return ""
+
+
+def map_error(stderr: str, what: str, node: str | None = None, side: str = "source") -> ZfsError:
+    """A typed error for a failed zfs command. `what` says what replq was doing."""
+    detail = first_error_line(stderr) or "no error output"
+    where = f" on node '{node}'" if node else ""
+    for pattern, cls in _ERROR_PATTERNS:
+        if pattern.search(stderr):
+            if cls is NoSpace:
+                storage = "replication target storage" if side == "target" else "source storage"
+                return NoSpace(f"no free space left on the {storage}{where}: {what}: {detail}", stderr)
+            if cls is ZfsUnavailable:
+                return ZfsUnavailable(f"ZFS is not available{where}: {what}: {detail}", stderr)
+            return cls(f"{what}{where} failed: {detail}", stderr)
+    return ZfsError(f"{what}{where} failed: {detail}", stderr)
+
+
+# ---------------------------------------------------------------------------------- running
+
+
+class Result(Protocol):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Runner(Protocol):
+    """Runs an argv on some node (locally or over SSH) and returns its outcome."""
+
+    node: str
+
+    def run(self, argv: Sequence[str], timeout: float | None = None) -> Result: ...
+
+
+@dataclass
+class LocalRunner:
+    """zfs on this node."""
+
+    node: str = "localhost"
+    timeout: float = 300.0
+
+    def run(self, argv: Sequence[str], timeout: float | None = None) -> Result:
+        try:
+            return subprocess.run(
+                list(argv), capture_output=True, text=True, timeout=timeout or self.timeout, check=False
+            )
+        except FileNotFoundError:
+            raise ZfsUnavailable(f"ZFS is not available on node '{self.node}': '{argv[0]}' not found") from None
+        except subprocess.TimeoutExpired:
+            raise ZfsError(f"'{' '.join(argv[:2])}' on node '{self.node}' timed out") from None
+
+
+@dataclass
+class Features:
+    send_estimate: bool  # zfs send -nvP
+    resume_tokens: bool  # receive_resume_token / send -t
+
+
+class Zfs:
+    """zfs operations on one node, through a Runner (local subprocess or SSH)."""
+
+    def __init__(self, runner: Runner, side: str = "source") -> None:
+        self.runner = runner
+        self.side = side
+        self._features: Features | None = None
+
+    @property
+    def node(self) -> str:
+        return self.runner.node
+
+    def _run(self, argv: list[str], what: str, timeout: float | None = None) -> Result:
+        res = self.runner.run(argv, timeout=timeout)
+        if res.returncode != 0:
+            raise map_error(res.stderr, what, self.node, self.side)
+        return res
+
+    def features(self) -> Features:
+        """Detect optional zfs features once, without side effects (no snapshot argument given)."""
+        if self._features is None:
+            res = self.runner.run([ZFS, "send", "-nvP"])
+            estimate = "invalid option" not in res.stderr and res.returncode in (0, 1, 2)
+            res = self.runner.run([ZFS, "get", "-H", "-o", "value", "receive_resume_token", "--", "-nonexistent"])
+            resume = "invalid property" not in res.stderr and "bad property list" not in res.stderr
+            self._features = Features(send_estimate=estimate, resume_tokens=resume)
+        return self._features
+
+    def list(self, roots: Iterable[str]) -> dict[str, list[Snapshot]]:
+        """Datasets and snapshots under the roots; a missing root is reported as absent."""
+        roots = list(roots)
+        if not roots:
+            return {}
+        res = self.runner.run(list_argv(roots), timeout=120)
+        if res.returncode != 0:
+            bad = [line for line in res.stderr.splitlines() if line.strip() and "does not exist" not in line]
+            if bad:
+                raise map_error(res.stderr, "listing datasets", self.node, self.side)
+        return parse_listing(res.stdout)
+
+    def exists(self, dataset: str) -> bool:
+        res = self.runner.run(get_argv(["type"], [dataset]))
+        if res.returncode == 0:
+            return True
+        if "does not exist" in res.stderr:
+            return False
+        raise map_error(res.stderr, f"checking dataset '{dataset}'", self.node, self.side)
+
+    def get(self, props: Sequence[str], targets: Iterable[str]) -> dict[str, dict[str, str]]:
+        res = self._run(get_argv(props, targets), "reading ZFS properties")
+        return parse_get(res.stdout)
+
+    def snapshot(self, dataset: str, snap: str) -> None:
+        self._run(snapshot_argv(dataset, snap), f"creating snapshot '{dataset}@{snap}'")
+
+    def destroy_snapshot(self, dataset: str, snap: str, missing_ok: bool = True) -> None:
+        try:
+            self._run(destroy_snapshot_argv(dataset, snap), f"deleting snapshot '{dataset}@{snap}'")
+        except DatasetNotFound:
+            if not missing_ok:
+                raise
+
+    def destroy_dataset(self, dataset: str, missing_ok: bool = True) -> None:
+        try:
+            self._run(destroy_dataset_argv(dataset), f"deleting volume '{dataset}'")
+        except DatasetNotFound:
+            if not missing_ok:
+                raise
+
+    def rollback(self, dataset: str, snap: str) -> None:
+        self._run(rollback_argv(dataset, snap), f"rolling back '{dataset}' to '{snap}'")
+
+    def estimate_send_size(self, dataset: str, snap: str | None, base: str | None) -> int | None:
+        """Bytes `send -Rp [-I base] dataset@snap` will produce, or None when unknown.
+
+        With `send -nvP` (OpenZFS) ask zfs. zfs-fuse has neither that nor `written@`, so
+        estimate from space accounting: a full stream carries what the volume uses; an
+        incremental one carries the blocks born after the base, which is
+        referenced(new) - referenced(base) + used(base) (blocks freed since the base are
+        the ones only the base still holds). `snap=None` (dry run) measures the live volume.
+        """
+        if snap is not None and self.features().send_estimate:
+            res = self.runner.run(send_estimate_argv(dataset, snap, base), timeout=120)
+            if res.returncode == 0:
+                return parse_estimate(res.stdout + "\n" + res.stderr)
+        try:
+            if base is None:
+                # -R carries the older snapshots too: the dataset's `used` covers them all.
+                return int(self.get(["used"], [dataset])[dataset]["used"])
+            new = f"{dataset}@{snap}" if snap else dataset
+            props = self.get(["used", "referenced"], [new, f"{dataset}@{base}"])
+            b = props[f"{dataset}@{base}"]
+            return max(0, int(props[new]["referenced"]) - int(b["referenced"]) + int(b["used"]))
+        except (KeyError, ValueError, ZfsError):
+            return None
