@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
+from replq.sandbox import Sandbox
 from tests.redisproc import RedisProcess
+
+# Set before any fixture runs (session fixtures come first): a sandbox started by the tests
+# must never replace the pointer to a developer's own sandbox.
+os.environ["REPLQ_STATE_DIR"] = tempfile.mkdtemp(prefix="replq-test-state-")
+os.environ.pop("REPLQ_SANDBOX_DIR", None)
 
 
 @pytest.fixture(autouse=True)
-def _isolated_replq_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_replq_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never pick up a developer's sandbox or Redis settings by accident."""
-    monkeypatch.setenv("REPLQ_STATE_DIR", str(tmp_path_factory.getbasetemp() / "replq-state"))
     monkeypatch.delenv("REPLQ_REDIS_URL", raising=False)
     monkeypatch.delenv("REPLQ_NODE", raising=False)
 
@@ -35,6 +42,26 @@ def redis_url(redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch) -> st
     redis.Redis.from_url(redis_server.url).flushall()
     monkeypatch.setenv("REPLQ_REDIS_URL", redis_server.url)
     return redis_server.url
+
+
+def sandbox_available() -> bool:
+    return os.geteuid() == 0 and Path("/dev/fuse").exists() and Path("/usr/sbin/zfs-fuse").exists()
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """A 3-node sandbox cluster shared by the session (no Celery services), taken down at the end.
+
+    Tests that stop a node start it again; tests name their guests and datasets uniquely.
+    """
+    if not sandbox_available():
+        pytest.fail("the sandbox needs root, /dev/fuse and zfs-fuse (run scripts/setup.sh)")
+    sb = Sandbox(tmp_path_factory.mktemp("sandbox"))
+    sb.up(nodes=3, services=False)
+    try:
+        yield sb
+    finally:
+        sb.down()
 
 
 def pytest_report_header(config: pytest.Config) -> str:
