@@ -117,4 +117,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Command areas attach themselves to `cli` on import.
-from replq import cli_calendar, cli_inventory, cli_jobs, cli_run, cli_sandbox  # noqa: E402,F401
+from replq import (  # noqa: E402,F401
+    cli_calendar,
+    cli_inventory,
+    cli_jobs,
+    cli_run,
+    cli_runtime,
+    cli_sandbox,
+    cli_services,
+)

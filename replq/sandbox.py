@@ -68,17 +68,17 @@ def _starttime(pid: int) -> int | None:
     return int(fields[19])
 
 
-def _record(proc: subprocess.Popen | int) -> dict[str, int]:
+def record_process(proc: subprocess.Popen | int) -> dict[str, int]:
     pid = proc if isinstance(proc, int) else proc.pid
     return {"pid": pid, "start": _starttime(pid) or 0}
 
 
-def _alive(rec: dict[str, int] | None) -> bool:
+def process_alive(rec: dict[str, int] | None) -> bool:
     return bool(rec) and _starttime(rec["pid"]) == rec["start"]
 
 
 def _signal(rec: dict[str, int] | None, sig: int) -> None:
-    if _alive(rec):
+    if process_alive(rec):
         try:
             os.kill(rec["pid"], sig)
         except ProcessLookupError:
@@ -94,19 +94,19 @@ def _reap() -> None:
         pass
 
 
-def _stop(recs: Iterable[dict[str, int] | None], timeout: float = 15.0) -> None:
+def stop_processes(recs: Iterable[dict[str, int] | None], timeout: float = 15.0) -> None:
     """SIGTERM, wait, then SIGKILL whatever is still there."""
-    recs = [r for r in recs if _alive(r)]
+    recs = [r for r in recs if process_alive(r)]
     for r in recs:
         _signal(r, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(r) for r in recs):
+    while time.monotonic() < deadline and any(process_alive(r) for r in recs):
         _reap()
         time.sleep(0.1)
     for r in recs:
         _signal(r, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_alive(r) for r in recs):
+    while time.monotonic() < deadline and any(process_alive(r) for r in recs):
         _reap()
         time.sleep(0.05)
 
@@ -200,7 +200,7 @@ class Sandbox:
     def state(self, value: dict[str, Any]) -> None:
         self._state = value
 
-    def _save(self) -> None:
+    def save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._state, indent=2))
         tmp.replace(self.state_file)
@@ -242,7 +242,7 @@ class Sandbox:
         return [r for r in recs if r]
 
     def running(self) -> bool:
-        return any(_alive(r) for r in self._all_records())
+        return any(process_alive(r) for r in self._all_records())
 
     def env(self) -> dict[str, str]:
         """What a shell needs to use this sandbox: the Redis URL, the SSH key, the directory."""
@@ -267,7 +267,7 @@ class Sandbox:
         (self.dir / "ssh").mkdir(exist_ok=True)
         self.state = {"dir": str(self.dir), "nodes": {}, "services": {}, "pool_size": pool_size,
                       "created": time.time()}
-        self._save()
+        self.save()
         try:
             self._make_client_key()
             self._start_redis()
@@ -278,7 +278,7 @@ class Sandbox:
                 port = 22 if _port_free(host, 22) else _free_port(host)
                 self.state["nodes"][name] = {"name": name, "host": host, "port": port,
                                              "address": host if port == 22 else f"{host}:{port}"}
-                self._save()
+                self.save()
                 self._make_node_files(name, pool_size)
                 self.start_node(name, create_pool=True)
             self._write_known_hosts()
@@ -294,7 +294,7 @@ class Sandbox:
         """Stop everything this sandbox started, by PID, and remove its files. Repeatable."""
         self.stop_services()
         self._stop_nodes(self.node_names())
-        _stop([self.state.get("redis", {}).get("proc")])
+        stop_processes([self.state.get("redis", {}).get("proc")])
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
         info = context.sandbox_info()
@@ -357,7 +357,7 @@ class Sandbox:
             "ClientAliveInterval 15\nClientAliveCountMax 4\n"
             f"SetEnv REPLQ_NODE={name}\n"
         )
-        self._save()
+        self.save()
 
     def _write_known_hosts(self) -> None:
         lines = []
@@ -382,14 +382,14 @@ class Sandbox:
              "--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", str(rdir / "redis.log")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
-        self.state["redis"] = {"port": port, "url": f"redis://127.0.0.1:{port}/0", "proc": _record(proc)}
-        self._save()
+        self.state["redis"] = {"port": port, "url": f"redis://127.0.0.1:{port}/0", "proc": record_process(proc)}
+        self.save()
         self._wait(lambda: _ping_redis(port), 15, "redis-server did not start")
 
     # nodes -------------------------------------------------------------------------------------
     def _ns(self, name: str) -> int:
         info = self.node_info(name)
-        if not _alive(info.get("zfs")):
+        if not process_alive(info.get("zfs")):
             raise SandboxError(f"node '{name}' is down (replq sandbox start {name})")
         return info["zfs"]["pid"]
 
@@ -417,7 +417,7 @@ class Sandbox:
 
     def node_state(self, name: str) -> str:
         info = self.node_info(name)
-        up = [_alive(info.get("zfs")), _alive(info.get("sshd"))]
+        up = [process_alive(info.get("zfs")), process_alive(info.get("sshd"))]
         return "up" if all(up) else "down" if not any(up) else "degraded"
 
     def start_node(self, name: str, create_pool: bool = False) -> None:
@@ -425,7 +425,7 @@ class Sandbox:
         info = self.node_info(name)
         if self.node_state(name) == "up":
             return
-        if _alive(info.get("zfs")) or _alive(info.get("sshd")):
+        if process_alive(info.get("zfs")) or process_alive(info.get("sshd")):
             self.stop_node(name)
         nd = self._node_dir(name)
         Path("/rpool").mkdir(exist_ok=True)  # mount point for the node-private tmpfs
@@ -444,8 +444,8 @@ class Sandbox:
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         log.close()
         time.sleep(0.05)
-        info["zfs"] = _record(proc)
-        self._save()
+        info["zfs"] = record_process(proc)
+        self.save()
         self._wait(lambda: self._zfs_answers(name, nd), 30, f"zfs-fuse of {name} did not answer")
         pools = self.exec(name, ["zpool", "list", "-H", "-o", "name"], timeout=30).stdout.split()
         if POOL not in pools:
@@ -462,12 +462,12 @@ class Sandbox:
                           stdin=subprocess.DEVNULL, stdout=slog, stderr=slog, start_new_session=True)
         slog.close()
         # The recorded pid is sshd's own: nsenter execs it (no fork for a mount namespace).
-        info["sshd"] = _record(sshd)
-        self._save()
+        info["sshd"] = record_process(sshd)
+        self.save()
         self._wait(lambda: _port_open(info["host"], info["port"]), 15, f"sshd of {name} did not listen")
 
     def _zfs_answers(self, name: str, nd: Path) -> bool:
-        if not _alive(self.node_info(name)["zfs"]):
+        if not process_alive(self.node_info(name)["zfs"]):
             raise SandboxError(f"zfs-fuse of {name} exited; see {nd}/zfs-fuse.log")
         return self.exec(name, ["zpool", "list", "-H"], timeout=10).returncode == 0
 
@@ -483,15 +483,15 @@ class Sandbox:
         inside: list[dict[str, int] | None] = []
         for info in infos:
             zfs = info.get("zfs")
-            if _alive(zfs):
-                inside += [_record(p) for p in _namespace_members(zfs["pid"])]
+            if process_alive(zfs):
+                inside += [record_process(p) for p in _namespace_members(zfs["pid"])]
             inside += [info.get("worker"), info.get("sshd")]
-        _stop(inside, timeout=10)
-        _stop([info.get("zfs") for info in infos], timeout=30)
+        stop_processes(inside, timeout=10)
+        stop_processes([info.get("zfs") for info in infos], timeout=30)
         for info in infos:
             info.pop("worker", None)
         if self.state_file.exists():
-            self._save()
+            self.save()
 
     # services (beat, workers, Flower) come with the runtime ----------------------------------
     def start_services(self) -> None:
@@ -501,13 +501,13 @@ class Sandbox:
             starter(self)
 
     def stop_services(self) -> None:
-        _stop(list(self.state.get("services", {}).values()))
+        stop_processes(list(self.state.get("services", {}).values()))
         for n in self.state.get("nodes", {}).values():
-            _stop([n.get("worker")])
+            stop_processes([n.get("worker")])
         if self.state:
             self.state["services"] = {}
             if self.state_file.exists():
-                self._save()
+                self.save()
 
     # registration ------------------------------------------------------------------------------
     def _register(self) -> None:
@@ -526,13 +526,13 @@ class Sandbox:
     def status(self) -> dict[str, Any]:
         nodes = []
         for name, info in self.state.get("nodes", {}).items():
-            pids = {k: info[k]["pid"] for k in ("zfs", "sshd", "worker") if _alive(info.get(k))}
+            pids = {k: info[k]["pid"] for k in ("zfs", "sshd", "worker") if process_alive(info.get(k))}
             nodes.append({"name": name, "address": info["address"], "state": self.node_state(name), "pids": pids})
-        services = {k: {"pid": r["pid"], "state": "up" if _alive(r) else "down"}
+        services = {k: {"pid": r["pid"], "state": "up" if process_alive(r) else "down"}
                     for k, r in self.state.get("services", {}).items()}
         redis_rec = self.state.get("redis", {}).get("proc")
         services["redis"] = {"pid": redis_rec["pid"] if redis_rec else None,
-                             "state": "up" if _alive(redis_rec) else "down"}
+                             "state": "up" if process_alive(redis_rec) else "down"}
         return {"dir": str(self.dir), "nodes": nodes, "services": services,
                 "redis_url": self.state.get("redis", {}).get("url"), "flower": self.state.get("flower")}
 

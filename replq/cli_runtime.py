@@ -1,0 +1,1 @@
+"""replq commands: runtime (filled in by its issue)."""

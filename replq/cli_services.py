@@ -1,0 +1,1 @@
+"""replq commands: services (filled in by its issue)."""
