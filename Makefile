@@ -14,11 +14,11 @@ down: setup
 	@$(VENV)/replq sandbox down
 
 test: setup
-	@$(VENV)/ruff check replq workers beat tests bench
+	@$(VENV)/ruff check .
 	@$(VENV)/python -m pytest -q
 
 lint: setup
-	@$(VENV)/ruff check replq workers beat tests bench
+	@$(VENV)/ruff check .
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(VENV)/python $$b || exit 1; done
