@@ -415,7 +415,7 @@ class Job:
         if self.rate is not None:
             self.rate = check_rate(self.rate)
         if self.comment is not None:
-            self.comment = check_comment(self.comment)
+            self.comment = check_comment(self.comment) or None  # empty = unset, as in pvesr
         self.disable = parse_bool(self.disable, "disable")
         if self.remove_job is not None and self.remove_job not in REMOVE_MODES:
             raise ValidationError(f"remove_job: invalid value '{show(self.remove_job)}' (local or full)")

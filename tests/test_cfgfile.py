@@ -1,0 +1,70 @@
+"""replication.cfg format: Proxmox layout, escaping, exact round trip, errors by line (SPEC §2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from replq.cfgfile import decode_text, encode_text, export_jobs, parse
+from replq.errors import ValidationError
+from replq.model import Job
+
+SPEC_SAMPLE = "local: 100-0\n\tcomment DR copy\n\ttarget pve2\n\trate 10\n\tschedule */5\n\tsource pve1\n"
+
+
+def test_spec_sample_parses_and_writes_back_identically() -> None:
+    jobs = parse(SPEC_SAMPLE)
+    assert jobs == [Job("100-0", "pve2", schedule="*/5", rate=10, comment="DR copy", source="pve1")]
+    assert export_jobs(jobs) == SPEC_SAMPLE
+
+
+def test_layout_order_and_separation() -> None:
+    jobs = [Job("200-1", "b", disable=True, remove_job="local"), Job("100-10", "c", rate=2.5), Job("100-2", "a")]
+    text = export_jobs(jobs)
+    assert text == ("local: 100-2\n\ttarget a\n\tschedule */15\n\n"
+                    "local: 100-10\n\ttarget c\n\trate 2.5\n\tschedule */15\n\n"
+                    "local: 200-1\n\tdisable\n\ttarget b\n\tremove_job local\n\tschedule */15\n")
+    assert export_jobs(parse(text)) == text
+
+
+@pytest.mark.parametrize("comment", ["a:b", "100%", "line1\nline2\ttab", " lead and trail  ", "  ", "é ✓ ü",
+                                     "%41 literal", "x" * 4096, "\x7f\x01", "ÿ:%"])
+def test_comment_escaping_round_trip(comment: str) -> None:
+    job = Job("100-0", "pve2", comment=comment)
+    text = export_jobs([job])
+    body = text.split("\n")[1]
+    assert body.startswith("\tcomment ") and "\n" not in body and ":" not in body.split(" ", 1)[1]
+    assert parse(text) == [job]
+    assert export_jobs(parse(text)) == text
+    assert decode_text(encode_text(comment)) == comment
+
+
+def test_pve_encoding_compatible() -> None:
+    assert encode_text("DR: 50%\n") == "DR%3A 50%25%0A"
+    assert decode_text("DR%3A 50%25%0A") == "DR: 50%\n"
+
+
+def test_proxmox_written_file_without_schedule_and_comments() -> None:
+    text = "# written by PVE\nlocal: 100-0\n\ttarget pve2\n\tdisable 1\n\nlocal: 101-0\n    target pve3\n"
+    jobs = parse(text)
+    assert jobs[0].schedule == "*/15" and jobs[0].disable and jobs[1].target == "pve3"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("local: 100-01\n\ttarget a\n", "line 1: invalid replication job id"),
+    ("local: 99-0\n\ttarget a\n", "reserved"),
+    ("remote: 100-0\n\ttarget a\n", "line 1: unsupported job type"),
+    ("local: 100-0\n\tschedule */5\n", "missing property 'target'"),
+    ("local: 100-0\n\ttarget a\n\tbogus 1\n", "line 3: unknown property"),
+    ("local: 100-0\n\ttarget a\n\ttarget b\n", "line 3: duplicate property"),
+    ("local: 100-0\n\ttarget a\n\nlocal: 100-0\n\ttarget b\n", "line 4: duplicate job"),
+    ("\ttarget a\n", "line 1: option outside"),
+    ("local: 100-0\n\ttarget a\n\trate 0.1\n", "line 1: job '100-0': rate"),
+    ("local: 100-0\n\ttarget a\n\tschedule */0\n", "line 1: job '100-0': "),
+    ("local: 100-0\n\ttarget a;b\n", "target node name"),
+    ("local: 100-0\n\ttarget\n", "needs a value"),
+    ("garbage line\n", "line 1: unable to parse section header"),
+    ("local: 100-0\n\ttarget a\x00\n", "NUL"),
+])
+def test_parse_errors_name_the_line(text: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        parse(text)
