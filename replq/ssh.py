@@ -1,0 +1,353 @@
+"""The one door to SSH (paramiko): pinned host keys, remote commands, long streams.
+
+- The target's host key must equal the key pinned in the store; an unknown or changed key is
+  refused, never added (the equivalent of paramiko's RejectPolicy, checked by hand because
+  we negotiate the transport ourselves).
+- AES-GCM is preferred (paramiko lists it last; it is about twice as fast as aes-ctr here).
+- Paramiko's own re-key after 2^29 bytes can time out mid-stream (paramiko issue 822): the
+  client never initiates a re-key (limits raised far beyond any stream); the server may.
+- A dead peer fails the run within about a minute: TCP keepalive and TCP_USER_TIMEOUT on
+  the socket, SSH keepalives, and an I/O timeout on every channel read/write.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from replq.errors import ReplqError, ServiceError
+
+CONNECT_TIMEOUT = 15.0
+IO_TIMEOUT = 60.0  # no progress on a channel for this long: the peer is dead or stuck
+KEEPALIVE = 10
+WINDOW_SIZE = 16 * 1024 * 1024
+MAX_PACKET = 32 * 1024
+NO_REKEY = 2**62  # effectively never: see the module docstring
+GCM_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+class HostKeyMismatch(ReplqError):
+    """The target's host key differs from the pinned one: refuse (possible impersonation)."""
+
+    retryable = False
+
+
+class NodeUnreachable(ServiceError):
+    """Cannot reach or log in to the node (network down, sshd stopped, bad credentials)."""
+
+
+class ConnectionLost(ServiceError):
+    """An established SSH connection broke or stalled."""
+
+
+@dataclass
+class CommandResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def fingerprint(key_blob: bytes) -> str:
+    """OpenSSH-style SHA256 fingerprint of a public key blob."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key_blob).digest()).decode().rstrip("=")
+
+
+def parse_pinned_key(host_key: str) -> tuple[str, bytes]:
+    """'ssh-ed25519 AAAA… [comment]' → (type, blob)."""
+    parts = (host_key or "").split()
+    if len(parts) < 2:
+        raise HostKeyMismatch(f"invalid pinned host key {host_key!r}")
+    try:
+        return parts[0], base64.b64decode(parts[1], validate=True)
+    except ValueError:
+        raise HostKeyMismatch(f"invalid pinned host key {host_key!r}") from None
+
+
+def _key_types(ktype: str) -> tuple[str, ...]:
+    # RSA keys are negotiated under their signature algorithm names.
+    if ktype == "ssh-rsa":
+        return ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
+    return (ktype,)
+
+
+class Connection:
+    """One SSH connection to one node, used for all commands and streams of a run.
+
+    Implements zfs.Runner (`node`, `run(argv)`), so a remote `Zfs` is `Zfs(connection)`.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        host: str,
+        port: int,
+        user: str,
+        host_key: str | None,
+        key_path: str | Path,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        io_timeout: float = IO_TIMEOUT,
+    ) -> None:
+        self.node = node
+        self.host = host
+        self.port = port
+        self.user = user
+        self.host_key = host_key
+        self.key_path = Path(key_path)
+        self.connect_timeout = connect_timeout
+        self.io_timeout = io_timeout
+        self.transport: paramiko.Transport | None = None
+
+    @property
+    def where(self) -> str:
+        return f"node '{self.node}' ({self.host}:{self.port})"
+
+    # ------------------------------------------------------------------ connect
+
+    def connect(self) -> Connection:
+        if not self.host_key:
+            raise HostKeyMismatch(f"no pinned SSH host key for {self.where}: refusing to connect")
+        ktype, blob = parse_pinned_key(self.host_key)
+        try:
+            pkey = paramiko.PKey.from_path(self.key_path)
+        except (OSError, paramiko.SSHException, ValueError) as exc:
+            raise NodeUnreachable(f"cannot load SSH key {self.key_path}: {exc}") from None
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        except OSError as exc:
+            raise NodeUnreachable(f"{self.where} is unreachable: {exc.strerror or exc}") from None
+        self._tune_socket(sock)
+        t = paramiko.Transport(sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET)
+        try:
+            for attr in ("REKEY_BYTES", "REKEY_PACKETS", "REKEY_BYTES_OVERFLOW_MAX", "REKEY_PACKETS_OVERFLOW_MAX"):
+                setattr(t.packetizer, attr, NO_REKEY)
+            opts = t.get_security_options()
+            opts.ciphers = tuple(c for c in GCM_CIPHERS if c in opts.ciphers) + tuple(
+                c for c in opts.ciphers if c not in GCM_CIPHERS
+            )
+            opts.key_types = tuple(k for k in _key_types(ktype) if k in opts.key_types) or opts.key_types
+            opts.compression = ("none",)
+            t.start_client(timeout=self.connect_timeout)
+            remote = t.get_remote_server_key()
+            if remote.get_name() != ktype or remote.asbytes() != blob:
+                raise HostKeyMismatch(
+                    f"host key of {self.where} changed: got {remote.get_name()} {fingerprint(remote.asbytes())}, "
+                    f"pinned {ktype} {fingerprint(blob)}; refusing to connect (update the node's pinned key if "
+                    "this change is expected)"
+                )
+            t.auth_publickey(self.user, pkey)
+            t.set_keepalive(KEEPALIVE)
+        except HostKeyMismatch:
+            t.close()
+            raise
+        except paramiko.AuthenticationException as exc:
+            t.close()
+            raise NodeUnreachable(f"SSH login as '{self.user}' to {self.where} refused: {exc}") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            t.close()
+            raise NodeUnreachable(f"{self.where} is unreachable: SSH: {exc}") from None
+        self.transport = t
+        return self
+
+    def _tune_socket(self, sock: socket.socket) -> None:
+        # The kernel gives up on a peer that stops acknowledging for ~30 s (TCP_USER_TIMEOUT),
+        # and probes an idle one; SSH keepalives keep data flowing so both apply.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 4)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    def __enter__(self) -> Connection:
+        return self.connect() if self.transport is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def cipher(self) -> str | None:
+        t = self.transport
+        return getattr(t, "local_cipher", None) if t is not None else None
+
+    def _channel(self) -> paramiko.Channel:
+        if self.transport is None:
+            self.connect()
+        assert self.transport is not None
+        if not self.transport.is_active():
+            raise ConnectionLost(f"connection to {self.where} lost")
+        try:
+            chan = self.transport.open_session(timeout=self.io_timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ConnectionLost(f"connection to {self.where} lost: {exc}") from None
+        chan.settimeout(self.io_timeout)
+        return chan
+
+    # ------------------------------------------------------------------ commands
+
+    def run(self, argv: Sequence[str], timeout: float | None = None, stdin: bytes | None = None) -> CommandResult:
+        """Run argv on the node (words quoted for the remote shell); collect output and status."""
+        from replq.zfs import remote_command
+
+        chan = self._channel()
+        try:
+            chan.settimeout(timeout or self.io_timeout)
+            chan.exec_command(remote_command(argv))
+            if stdin:
+                _sendall(chan, memoryview(stdin))
+            chan.shutdown_write()
+            out = _drain(chan.recv, chan)
+            err = _drain(chan.recv_stderr, chan)
+            rc = self._wait_status(chan, timeout or self.io_timeout)
+            return CommandResult(rc, out.decode(errors="replace"), err.decode(errors="replace"))
+        except TimeoutError:
+            raise ConnectionLost(f"'{argv[0]} {argv[1] if len(argv) > 1 else ''}' on {self.where} timed out") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ConnectionLost(f"connection to {self.where} lost: {exc}") from None
+        finally:
+            chan.close()
+
+    def _wait_status(self, chan: paramiko.Channel, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while not chan.status_event.wait(1.0):
+            if self.transport is None or not self.transport.is_active():
+                raise ConnectionLost(f"connection to {self.where} lost")
+            if time.monotonic() > deadline:
+                raise ConnectionLost(f"no answer from {self.where} within {timeout:.0f} s")
+        if chan.exit_status == -1 and (self.transport is None or not self.transport.is_active()):
+            raise ConnectionLost(f"connection to {self.where} lost")
+        return chan.exit_status
+
+    def open_stream(self, argv: Sequence[str]) -> Stream:
+        """Start argv on the node with its stdin fed by `Stream.write`."""
+        from replq.zfs import remote_command
+
+        chan = self._channel()
+        try:
+            chan.exec_command(remote_command(argv))
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            chan.close()
+            raise ConnectionLost(f"connection to {self.where} lost: {exc}") from None
+        return Stream(self, chan)
+
+
+class RemoteExited(ServiceError):
+    """The remote command ended (and stopped reading) while we were still sending."""
+
+
+class Stream:
+    """A remote command reading a byte stream from us (e.g. `zfs recv`)."""
+
+    def __init__(self, conn: Connection, chan: paramiko.Channel) -> None:
+        self.conn = conn
+        self.chan = chan
+        self.sent = 0
+        self._stderr = bytearray()
+        # Drain remote stderr as it comes, so a chatty command can never fill the window.
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+
+    def _read_stderr(self) -> None:
+        while True:
+            try:
+                data = self.chan.recv_stderr(65536)
+            except TimeoutError:
+                if self.chan.closed:
+                    return
+                continue  # a quiet command: keep listening
+            except (OSError, paramiko.SSHException, EOFError):
+                return  # write/finish report the failure with context
+            if not data:
+                return
+            if len(self._stderr) < 1 << 20:
+                self._stderr += data
+
+    @property
+    def stderr(self) -> str:
+        return bytes(self._stderr).decode(errors="replace")
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            _sendall(self.chan, memoryview(data))
+        except TimeoutError:
+            raise ConnectionLost(
+                f"connection to {self.conn.where} stalled: no progress for {self.conn.io_timeout:.0f} s"
+            ) from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            if self.chan.exit_status_ready():
+                raise RemoteExited(f"remote command on {self.conn.where} exited early") from None
+            t = self.conn.transport
+            reason = t.get_exception() if t is not None else None
+            raise ConnectionLost(f"connection to {self.conn.where} lost mid-stream: {reason or exc}") from None
+        self.sent += len(data)
+
+    def finish(self, timeout: float = 600.0) -> CommandResult:
+        """Signal end of input and wait for the remote command's exit status."""
+        try:
+            if not self.chan.closed:
+                self.chan.shutdown_write()
+            rc = self.conn._wait_status(self.chan, timeout)
+            self._reader.join(timeout=5)
+            out = b""
+            while self.chan.recv_ready():
+                out += self.chan.recv(65536)
+            return CommandResult(rc, out.decode(errors="replace"), self.stderr)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ConnectionLost(f"connection to {self.conn.where} lost: {exc}") from None
+        finally:
+            self.chan.close()
+
+    def abort(self) -> None:
+        """Stop the remote command: closing the channel ends its stdin and sshd kills the session."""
+        try:
+            self.chan.close()
+        except Exception:  # noqa: BLE001 - best effort on an already broken connection
+            pass
+
+
+def _sendall(chan: paramiko.Channel, data: memoryview) -> None:
+    # paramiko's sendall re-slices bytes (quadratic copying) and spins when the channel
+    # closes mid-send; slice a memoryview and treat a zero-length send as closed.
+    while data:
+        n = chan.send(data)
+        if n == 0:
+            raise OSError("channel closed")
+        data = data[n:]
+
+
+def _drain(recv: object, chan: paramiko.Channel) -> bytes:
+    buf = bytearray()
+    while True:
+        data = recv(65536)  # type: ignore[operator]
+        if not data:
+            return bytes(buf)
+        buf += data
+
+
+def connect_node(node: object, key_path: str | Path, **kw: object) -> Connection:
+    """A connected Connection to a store Node (name, host, port, user, host_key)."""
+    conn = Connection(
+        node=node.name,  # type: ignore[attr-defined]
+        host=node.host,  # type: ignore[attr-defined]
+        port=node.port,  # type: ignore[attr-defined]
+        user=node.user or "root",  # type: ignore[attr-defined]
+        host_key=node.host_key,  # type: ignore[attr-defined]
+        key_path=key_path,
+        **kw,  # type: ignore[arg-type]
+    )
+    return conn.connect()
