@@ -512,11 +512,9 @@ class Sandbox:
     # registration ------------------------------------------------------------------------------
     def _register(self) -> None:
         """Nodes (with pinned host keys) and the storage local-zfs, in the sandbox's store."""
-        try:
-            from replq.model import Node, Storage
-            from replq.store import Store
-        except ImportError:  # the cluster store arrives with its own issue
-            return
+        from replq.model import Node, Storage
+        from replq.store import Store
+
         store = Store.from_url(self.redis_url)
         for info in self.state["nodes"].values():
             store.add_node(Node(name=info["name"], address=info["address"], user="root", host_key=info["host_key"]))

@@ -91,6 +91,24 @@ def test_ssh_from_node1_reaches_node2_pool_with_strict_host_keys(sandbox: Sandbo
         sandbox.exec("node2", ["zfs", "destroy", "rpool/data/subvol-9102-disk-0"], timeout=60)
 
 
+def test_nodes_and_storage_are_registered_with_pinned_host_keys(sandbox: Sandbox) -> None:
+    r = replq("--redis", sandbox.redis_url, "node", "list", "--output-format", "json")
+    assert r.returncode == 0, r.stderr
+    nodes = {n["name"]: n for n in json.loads(r.stdout)}
+    assert sorted(nodes) == ["node1", "node2", "node3"]
+    for name, node in nodes.items():
+        info = sandbox.node_info(name)
+        scan = subprocess.run(["ssh-keyscan", "-t", "ed25519", "-p", str(info["port"]), info["host"]],
+                              capture_output=True, text=True, timeout=30)
+        served = " ".join(scan.stdout.split()[1:3])
+        assert served.startswith("ssh-ed25519 ")
+        assert node["host_key"] == served  # the key sshd really serves is the pinned one
+        assert node["address"] == info["address"]
+    r = replq("--redis", sandbox.redis_url, "storage", "list", "--output-format", "json")
+    storages = json.loads(r.stdout)
+    assert [(s["id"], s["pool"]) for s in storages] == [("local-zfs", "rpool/data")]
+
+
 def test_exec_sets_node_and_env_prints_exports(sandbox: Sandbox) -> None:
     r = replq("sandbox", "exec", "--dir", str(sandbox.dir), "node3", "--", "sh", "-c", "echo $REPLQ_NODE; exit 7")
     assert r.returncode == 7
