@@ -272,8 +272,8 @@ def config_import(env: Env, path: str) -> None:
 
     try:
         raw = click.get_binary_stream("stdin").read() if path == "-" else Path(path).read_bytes()
-    except OSError as exc:
-        raise ValidationError(f"cannot read '{show(path)}': {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise ValidationError(f"cannot read '{show(path)}': {getattr(exc, 'strerror', None) or exc}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -150,6 +150,8 @@ def check_schedule(expr: object, tz: str = "UTC") -> str:
         raise ValidationError(f"schedule: value may only be {MAX_SCHEDULE} characters long")
     if not expr.strip():
         raise ValidationError("schedule: value must not be empty")
+    if not expr.isprintable():  # a control character would also break the one-line error
+        raise ValidationError(f"schedule: invalid character in '{show(expr)}'")
     try:
         _check_schedule_cached(expr, tz)
     except ValidationError:
