@@ -482,6 +482,11 @@ def _zone_by_name(name: str) -> ZoneInfo:
         raise CalendarError(f"unknown time zone '{name}'") from exc
 
 
+def resolve_zone(tz: str | tzinfo) -> tzinfo:
+    """A zone name (IANA) or tzinfo as a tzinfo; CalendarError for an unknown zone."""
+    return _zone(tz)
+
+
 def _zone(tz: str | tzinfo) -> tzinfo:
     if isinstance(tz, str):
         return _zone_by_name(tz)
