@@ -1,0 +1,177 @@
+"""Failure notification: tell an operator that a replication job failed, without nagging.
+
+The worker task calls `job_failed(store, job_id)` after a failed run. If the cluster settings
+name a hook, it is called at fail_count 1, 2 and 3, then only at every `notify_every`-th
+consecutive failure (default 10: with the 30-minute retry interval, every five hours), so a
+job stuck in error state does not page someone on every retry forever.
+
+Settings (cluster settings in the store, read defensively: a missing or odd value means "off"):
+    notify_command   argv of a program to run (a JSON list, or a string split like a shell
+                     would split words; never run through a shell). It gets the facts in its
+                     environment: REPLQ_EVENT, REPLQ_JOB_ID, REPLQ_JOB_GUEST, REPLQ_JOB_TARGET,
+                     REPLQ_JOB_SOURCE, REPLQ_FAIL_COUNT, REPLQ_ERROR, REPLQ_LAST_TRY.
+    notify_url       http(s) URL that receives the same facts as a JSON POST.
+    notify_every     after the third failure, notify every N-th failure (default 10, min 1).
+
+A hook that fails or hangs is logged and given up on (short timeouts); it never fails the task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+log = logging.getLogger("replq.notify")
+
+COMMAND_TIMEOUT = 20.0
+WEBHOOK_TIMEOUT = 5.0
+FIRST_NOTIFICATIONS = 3
+DEFAULT_EVERY = 10
+
+
+def should_notify(fail_count: int, every: int = DEFAULT_EVERY) -> bool:
+    """1, 2, 3, then every `every`-th consecutive failure."""
+    if fail_count <= 0:
+        return False
+    return fail_count <= FIRST_NOTIFICATIONS or fail_count % max(1, every) == 0
+
+
+def hook_settings(settings: dict[str, Any]) -> tuple[list[str] | None, str | None, int]:
+    """(command argv, webhook URL, every) from the cluster settings; invalid values are ignored."""
+    command: list[str] | None = None
+    raw = settings.get("notify_command")
+    if isinstance(raw, list) and raw and all(isinstance(a, str) and a for a in raw):
+        command = list(raw)
+    elif isinstance(raw, str) and raw.strip():
+        try:
+            command = shlex.split(raw) or None
+        except ValueError:
+            log.warning("notify_command: cannot split %r into words; ignored", raw)
+    url = settings.get("notify_url")
+    if not (isinstance(url, str) and url.lower().startswith(("http://", "https://"))):
+        if url:
+            log.warning("notify_url: only http:// and https:// URLs are used; ignored %r", url)
+        url = None
+    try:
+        every = max(1, int(settings.get("notify_every") or DEFAULT_EVERY))
+    except (TypeError, ValueError):
+        every = DEFAULT_EVERY
+    return command, url, every
+
+
+def failure_facts(store: Any, job_id: str) -> dict[str, Any]:
+    """What a notification says: the job, where it replicates from and to, and why it failed."""
+    job = store.get_job(job_id)
+    state = store.get_state(job_id)
+    try:
+        source = store.get_guest(job.guest).node
+    except Exception:  # noqa: BLE001 - the guest may be gone (purge); the job's source still tells
+        source = job.source
+    return {
+        "event": "job_failed",
+        "job": job_id,
+        "guest": job.guest,
+        "target": job.target,
+        "source": source or "",
+        "fail_count": state.fail_count,
+        "error": state.error or "",
+        "last_try": state.last_try,
+        "time": time.time(),
+    }
+
+
+def job_failed(store: Any, job_id: str) -> list[str]:
+    """Call the configured hooks if this failure is one to report; returns the hooks called.
+
+    Never raises: a notification problem must not turn into a task failure or a retry storm.
+    """
+    try:
+        command, url, every = hook_settings(store.get_settings())
+        if not command and not url:
+            return []
+        facts = failure_facts(store, job_id)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("notify %s: cannot read the job's state: %s", job_id, exc)
+        return []
+    if not should_notify(int(facts["fail_count"] or 0), every):
+        return []
+    called = []
+    if command and run_command(command, facts):
+        called.append("command")
+    if url and post_webhook(url, facts):
+        called.append("webhook")
+    return called
+
+
+def _env(facts: dict[str, Any]) -> dict[str, str]:
+    env = dict(os.environ)
+    values = {
+        "REPLQ_EVENT": facts["event"],
+        "REPLQ_JOB_ID": facts["job"],
+        "REPLQ_JOB_GUEST": facts["guest"],
+        "REPLQ_JOB_TARGET": facts["target"],
+        "REPLQ_JOB_SOURCE": facts["source"],
+        "REPLQ_FAIL_COUNT": facts["fail_count"],
+        "REPLQ_ERROR": facts["error"],
+        "REPLQ_LAST_TRY": int(facts["last_try"] or 0),
+    }
+    # An environment value cannot hold NUL; the error text is operator text and may be long.
+    env.update({k: str(v).replace("\x00", " ")[:4096] for k, v in values.items()})
+    return env
+
+
+def run_command(argv: list[str], facts: dict[str, Any], timeout: float = COMMAND_TIMEOUT) -> bool:
+    """Run the hook program (no shell); True if it exited 0. A hung hook is killed with its children."""
+    try:
+        proc = subprocess.Popen(argv, env=_env(facts), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as exc:
+        log.warning("notify %s: cannot run %s: %s", facts["job"], argv[0], exc)
+        return False
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        log.warning("notify %s: %s timed out after %.0f s; killed", facts["job"], argv[0], timeout)
+        return False
+    if proc.returncode != 0:
+        tail = out.decode(errors="replace").strip().splitlines()[-1:] if out else []
+        log.warning("notify %s: %s exited %d%s", facts["job"], argv[0], proc.returncode,
+                    f": {tail[0]}" if tail else "")
+        return False
+    return True
+
+
+def post_webhook(url: str, facts: dict[str, Any], timeout: float = WEBHOOK_TIMEOUT) -> bool:
+    """POST the facts as JSON; True on a 2xx answer."""
+    body = json.dumps(facts).encode()
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "User-Agent": "replq-notify"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - scheme checked above
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.warning("notify %s: webhook %s failed: %s", facts["job"], _redact(url), exc)
+        return False
+
+
+def _redact(url: str) -> str:
+    """The URL without credentials or query (a webhook URL often embeds a token)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
