@@ -920,13 +920,13 @@ def _job_limit_problem(ev: CalendarEvent) -> str | None:
     if len(seconds) > 1:
         return (
             f"fires more than once a minute ({len(seconds)} times, seconds {_format_chain(ev.second, 2, True)}); "
-            "the shortest replication interval is one minute"
+            "a job may run at most once a minute"
         )
     years = chain_values(ev.year, "year")
     if ev.year and len(years) != MAX_YEAR - MIN_YEAR + 1:
         return (
-            f"names specific years ({_format_chain(ev.year, 4)}): it stops firing after {years[-1]}, "
-            "leaving a gap longer than 7 days; the longest replication interval is one week"
+            f"names specific years ({_format_chain(ev.year, 4)}), so it stops firing after {years[-1]}; "
+            "a job must run at least every 7 days"
         )
     months = set(chain_values(ev.month, "month"))
     days = set(chain_values(ev.day, "day"))
@@ -941,13 +941,10 @@ def _job_limit_problem(ev: CalendarEvent) -> str | None:
                 first = n
             prev = n
     if prev < 0:
-        return "never fires (no date matches it); the longest replication interval is one week"
+        return "never fires (no date matches it); a job must run at least every 7 days"
     gap = max(gap, first + _CYCLE_DAYS - prev)
     if gap >= 8:  # 8 calendar days apart is more than 7 days whatever the times of day
-        return (
-            f"leaves gaps of up to {gap} days between events (wall clock); "
-            "the longest replication interval is one week"
-        )
+        return f"leaves gaps of up to {gap} days between events (wall clock); a job must run at least every 7 days"
     return None
 
 
