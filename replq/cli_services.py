@@ -65,8 +65,8 @@ def flower_credentials(env: Env, explicit: str | None) -> str | None:
     return None
 
 
-def celery_app() -> Any:
-    """The Celery app of replq.app (the runtime's one door to Celery)."""
+def celery_app(redis_url: str) -> Any:
+    """The Celery app of replq.app (the runtime's one door to Celery), on `redis_url`."""
     import importlib
 
     from celery import Celery
@@ -75,6 +75,9 @@ def celery_app() -> Any:
         mod = importlib.import_module("replq.app")
     except ImportError as exc:
         raise ReplqError(f"the Celery runtime is not available (replq.app: {exc})") from None
+    make_app = getattr(mod, "make_app", None)
+    if callable(make_app):
+        return make_app(redis_url)
     for name in ("app", "celery", "celery_app"):
         obj = getattr(mod, name, None)
         if isinstance(obj, Celery):
@@ -101,7 +104,7 @@ def flower(env: Env, port: int, address: str, basic_auth: str | None) -> None:
     if credentials:
         os.environ["FLOWER_BASIC_AUTH"] = credentials
     os.environ.setdefault("FLOWER_TASKS_COLUMNS", FLOWER_TASK_COLUMNS)
-    app = celery_app()
+    app = celery_app(env.redis_url)
     click.echo(f"replq flower: http://{_url_host(address)}:{port}/ (broker {_redacted(env.redis_url)}"
                f"{', basic auth' if credentials else ''})", err=True)
     app.start(["flower", f"--port={port}", f"--address={address}"])
