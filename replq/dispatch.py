@@ -1,0 +1,345 @@
+"""Enqueue jobs to their node's worker, and follow a running job to its end (SPEC §3, §8 `run`).
+
+Shared by the beat scheduler (beat/scheduler.py) and `replq run`. A job is put on the queue
+of the node that holds its guest (`replq.node.<name>`) only after it won a "queued" marker:
+a Redis lock (SET NX with a TTL just past the message's `expires`) whose token is the task id.
+So two beats, a beat and a manual run, or a tick that overlaps a finished run can never queue
+one job twice; the worker clears the marker when it takes the job, and a marker whose message
+was lost simply expires, after which the job is queued again.
+
+Running is guarded separately by the per-job lock the worker holds for the whole run
+(workers/tasks.py), and the guest lock the engine holds (replicate.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import redis
+import redis.lock
+
+from replq.app import ENQUEUE_EXPIRES, TASK_REMOVE, TASK_REPLICATE, enqueue, new_task_id, worker_hostname
+from replq.errors import NotFound, ReplqError
+from replq.model import job_id_sort_key
+
+# The worker extends its job lock every JOB_LOCK_TTL/3; a dead worker's lock is gone after
+# JOB_LOCK_TTL and the scheduler then sees the interrupted attempt. Tests shorten it.
+JOB_LOCK_TTL = float(os.environ.get("REPLQ_JOB_LOCK_TTL", "60"))
+# The marker outlives the message by a little, so a marker never expires while its message can still run.
+QUEUED_TTL = ENQUEUE_EXPIRES + 5
+QUEUED_SUFFIX = ".queued"
+
+
+# ---- store gaps -------------------------------------------------------------------------------
+# A tick needs, for every due job, its guest's node and whether it runs or is queued, in one
+# round trip (O(due) work, not O(due) round trips). The store has per-object getters only, so
+# this reads the job and guest hashes in a pipeline and decodes them with the store's own
+# decoders (Store._job/_guest); locks come from Store.lock. It belongs in store.py as
+# Store.job_routes(job_ids) (and lock_holder as Store.lock_holder) and lives here until then;
+# if the store's layout changes under it, it falls back to the per-object getters.
+
+@dataclass
+class Route:
+    job_id: str
+    node: str | None  # the node holding the guest (None: guest or job gone)
+    remove: str | None  # remove_job mode, if the job is being removed
+    running: bool  # the job lock or the guest lock is held
+    queued: bool  # a queued marker exists
+
+
+def job_routes(store: Any, job_ids: Sequence[str]) -> list[Route]:
+    """For each job: where its guest lives, whether it is being removed, running or queued."""
+    if not job_ids:
+        return []
+    pipe = store.redis.pipeline(transaction=False)
+    for j in job_ids:
+        vmid = job_id_sort_key(j)[0]
+        pipe.hgetall(store.k("job", j))
+        pipe.hgetall(store.k("guest", vmid))
+        pipe.exists(job_lock(store, j).name, guest_lock_name(store, vmid))
+        pipe.exists(queued_marker(store, j).name)
+    res = pipe.execute()
+    out = []
+    for i, j in enumerate(job_ids):
+        jraw, graw, held, queued = res[4 * i : 4 * i + 4]
+        node = remove = None
+        if jraw and graw:
+            try:
+                job, guest = store._job(jraw), store._guest(graw)
+            except (KeyError, TypeError, ValueError):
+                job, guest = _get_job_guest(store, j)
+            if job is not None and guest is not None:
+                node, remove = guest.node, job.remove_job
+        out.append(Route(j, node, remove, held > 0, bool(queued)))
+    return out
+
+
+def _get_job_guest(store: Any, job_id: str) -> tuple[Any, Any]:
+    try:
+        job = store.get_job(job_id)
+        return job, store.get_guest(job.guest)
+    except NotFound:
+        return None, None
+
+
+def lock_holder(lock: redis.lock.Lock) -> str | None:
+    """The token a lock is held with (for the queued marker: the task id)."""
+    value = lock.redis.get(lock.name)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# ---- locks and markers ---------------------------------------------------------------------------
+
+def job_lock(store: Any, job_id: str, ttl: float = JOB_LOCK_TTL) -> redis.lock.Lock:
+    return store.lock("job", job_id, ttl)
+
+
+def guest_lock_name(store: Any, vmid: int) -> str:
+    return store.lock("guest", vmid, 1).name
+
+
+def queued_marker(store: Any, job_id: str, ttl: float = QUEUED_TTL) -> redis.lock.Lock:
+    return store.lock("job", job_id + QUEUED_SUFFIX, ttl)
+
+
+def claim(store: Any, job_ids: Sequence[str], ttl: float = QUEUED_TTL) -> dict[str, str]:
+    """Set the queued marker of each job that has none, in one round trip: {job_id: task_id} won."""
+    if not job_ids:
+        return {}
+    tids = {j: new_task_id(j) for j in job_ids}
+    pipe = store.redis.pipeline(transaction=False)
+    for j in job_ids:
+        pipe.set(queued_marker(store, j).name, tids[j], nx=True, px=int(ttl * 1000))
+    return {j: tids[j] for j, ok in zip(job_ids, pipe.execute(), strict=True) if ok}
+
+
+def clear_queued(store: Any, job_id: str, task_id: str) -> bool:
+    """Drop the job's queued marker if this task set it (a newer one belongs to another message)."""
+    marker = queued_marker(store, job_id)
+    try:
+        marker.do_release(marker.redis.get_encoder().encode(task_id))
+        return True
+    except redis.exceptions.LockError:
+        return False
+
+
+def defer(store: Any, job_id: str, task_id: str, seconds: float) -> None:
+    """Keep the scheduler off this job for `seconds` (guest busy, removal not possible yet)."""
+    store.redis.set(queued_marker(store, job_id).name, task_id, px=int(seconds * 1000))
+
+
+# ---- enqueue -------------------------------------------------------------------------------------
+
+@dataclass
+class Enqueued:
+    job_id: str
+    node: str
+    task_id: str
+    task: str
+
+
+def enqueue_routes(store: Any, app: Any, routes: Iterable[Route], force: bool = False) -> list[Enqueued]:
+    """Claim and publish every route that is neither running nor queued. A claim whose message could
+    not be published is released again, so a broker failure never blocks a job for an hour."""
+    todo = [r for r in routes if r.node and not r.running and not r.queued]
+    won = claim(store, [r.job_id for r in todo])
+    out: list[Enqueued] = []
+    pending = dict(won)
+    try:
+        with app.producer_or_acquire() as producer:
+            for r in todo:
+                tid = won.get(r.job_id)
+                if tid is None:
+                    continue
+                task = TASK_REMOVE if r.remove else TASK_REPLICATE
+                assert r.node is not None
+                enqueue(app, task, r.job_id, r.node, tid, force=force, producer=producer)
+                pending.pop(r.job_id)
+                out.append(Enqueued(r.job_id, r.node, tid, task))
+    finally:
+        for j, tid in pending.items():
+            try:
+                clear_queued(store, j, tid)
+            except redis.exceptions.RedisError:
+                pass  # expires by itself
+    return out
+
+
+# ---- replq run: enqueue and follow ----------------------------------------------------------------
+
+@dataclass
+class Followed:
+    job_id: str
+    node: str
+    task_id: str | None
+    started: float
+    done: bool = False
+    ok: bool = False
+    message: str = ""
+
+
+def _worker_alive(app: Any, node: str, timeout: float = 2.0) -> bool:
+    try:
+        replies = app.control.ping(destination=[worker_hostname(node)], timeout=timeout, limit=1)
+    except Exception:  # noqa: BLE001 - no answer is the same as no worker for the caller
+        return False
+    return bool(replies)
+
+
+def run_remote(store: Any, job_ids: Sequence[str] | None, wait: bool, out: TextIO | None = None,
+               redis_url: str | None = None, app: Any = None, poll: float = 0.5) -> int:
+    """`replq run [--id J] [--no-wait]`: enqueue the job(s) to the worker of the guest's node and,
+    unless `wait` is False, follow them with a live progress line. Returns the exit code: 0 when
+    every job succeeded (or, without wait, was queued), 1 otherwise."""
+    from replq.app import make_app
+
+    out = out or sys.stdout
+    ids = list(job_ids or store.due_jobs())
+    if not ids:
+        print("no replication job is due", file=out)
+        return 0
+    for j in ids:
+        store.get_job(j)  # an unknown job is an error before anything is queued
+    app = app or make_app(redis_url)
+    routes = job_routes(store, ids)
+    followed: list[Followed] = []
+    code = 0
+    for r in routes:
+        if r.node is None:
+            raise NotFound(f"replication job '{r.job_id}' does not exist")
+        if wait and not r.running and not _worker_alive(app, r.node):
+            print(f"{r.job_id}: no replq worker answers on node '{r.node}' (start: replq worker --node {r.node})",
+                  file=out)
+            code = 1
+            continue
+        if r.running:
+            st = store.get_state(r.job_id)
+            print(f"{r.job_id}: already running ({st.worker or 'locked'}); following it", file=out)
+            followed.append(Followed(r.job_id, r.node, st.task_id, time.time()))
+            continue
+        if r.queued:
+            tid = lock_holder(queued_marker(store, r.job_id))
+            print(f"{r.job_id}: already queued on node '{r.node}' (task {tid})", file=out)
+            followed.append(Followed(r.job_id, r.node, tid, time.time()))
+            continue
+        done = enqueue_routes(store, app, [r], force=True)
+        if not done:  # someone queued it between our read and our claim
+            tid = lock_holder(queued_marker(store, r.job_id))
+            print(f"{r.job_id}: already queued on node '{r.node}' (task {tid})", file=out)
+            followed.append(Followed(r.job_id, r.node, tid, time.time()))
+            continue
+        e = done[0]
+        print(f"{r.job_id}: queued on node '{e.node}' (task {e.task_id})", file=out)
+        followed.append(Followed(r.job_id, e.node, e.task_id, time.time()))
+    if not wait:
+        return code
+    return max(code, follow(store, app, followed, out, poll))
+
+
+def follow(store: Any, app: Any, jobs: list[Followed], out: TextIO, poll: float = 0.5) -> int:
+    """Print progress until every job ended; 0 if all succeeded."""
+    tty = out.isatty()
+    last_print = 0.0
+    width = 0
+    while not all(f.done for f in jobs):
+        for f in jobs:
+            if not f.done:
+                _check_done(store, app, f)
+                if f.done:
+                    if tty and width:
+                        out.write("\r" + " " * width + "\r")
+                        width = 0
+                    print(f"{f.job_id}: {f.message}", file=out)
+        running = [f for f in jobs if not f.done]
+        if not running:
+            break
+        now = time.monotonic()
+        line = "  ".join(_progress_text(store, f) for f in running)
+        if tty:
+            out.write("\r" + line.ljust(width))
+            width = len(line)
+            out.flush()
+        elif now - last_print >= 5:
+            print(line, file=out)
+            last_print = now
+        time.sleep(poll)
+    out.flush()
+    return 0 if all(f.ok for f in jobs) else 1
+
+
+def _check_done(store: Any, app: Any, f: Followed) -> None:
+    if f.task_id is None:  # followed a run we did not queue (e.g. `run --local` elsewhere): watch its locks
+        route = job_routes(store, [f.job_id])[0]
+        if not route.running:
+            st = store.get_state(f.job_id)
+            f.done, f.ok = True, st.error is None
+            f.message = "OK" if f.ok else f"error: {st.error}"
+        return
+    res = app.AsyncResult(f.task_id)
+    try:
+        state = res.state
+    except redis.exceptions.RedisError:
+        return
+    if state in ("PENDING", "RECEIVED", "STARTED", "RETRY"):
+        if state == "PENDING" and time.time() - f.started > ENQUEUE_EXPIRES + 10:
+            f.done, f.ok, f.message = True, False, f"not started within {ENQUEUE_EXPIRES} s (is the worker of " \
+                                                   f"node '{f.node}' running?)"
+        return
+    f.done = True
+    if state == "SUCCESS" and isinstance(res.result, dict):
+        r = res.result
+        f.ok = bool(r.get("ok"))
+        if f.ok:
+            f.message = f"OK (sent {_human(r.get('bytes'))} in {r.get('duration', 0):.1f} s)"
+        else:
+            f.message = f"{r.get('status', 'error')}: {r.get('error')}"
+    elif state == "REVOKED":
+        f.message = "error: the run was cancelled or its message expired"
+    else:
+        f.message = f"error: {state}: {res.result}"
+
+
+def _progress_text(store: Any, f: Followed) -> str:
+    try:
+        st = store.get_state(f.job_id)
+    except (ReplqError, redis.exceptions.RedisError):
+        return f"{f.job_id}: ..."
+    p = st.progress
+    if not st.worker and not p:
+        return f"{f.job_id}: queued on {f.node}"
+    if not p:
+        return f"{f.job_id}: starting on {f.node}"
+    return f"{f.job_id}: {progress_line(p)}"
+
+
+def progress_line(p: dict) -> str:
+    """`12.3 MiB of 45.6 MiB (27%), 2.0 MB/s, ETA 0:17` from the engine's progress record."""
+    sent, total, rate, eta = p.get("bytes") or 0, p.get("total"), p.get("rate"), p.get("eta")
+    text = _human(sent)
+    if total:
+        text += f" of {_human(total)} ({min(100, 100 * sent // max(total, 1))}%)"
+    if rate is not None:
+        text += f", {rate / 1e6:.1f} MB/s"
+    if eta is not None:
+        m, s = divmod(int(eta), 60)
+        h, m = divmod(m, 60)
+        text += f", ETA {h}:{m:02d}:{s:02d}" if h else f", ETA {m}:{s:02d}"
+    return text
+
+
+def _human(n: Any) -> str:
+    size = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+__all__ = ["run_remote", "follow", "enqueue_routes", "job_routes", "claim", "clear_queued", "defer", "job_lock",
+           "queued_marker", "Route", "Enqueued", "JOB_LOCK_TTL"]

@@ -1,0 +1,297 @@
+"""Celery tasks run by the node workers: thin wrappers over replq.replicate.
+
+`replq.replicate(job_id)` runs one job on the worker of the node holding the guest:
+
+1. take the per-job lock (Redis, extended by a heartbeat thread): a redelivered message, a
+   second beat or a manual run at the same time finds it held and does nothing;
+2. drop the job's queued marker (set by whoever enqueued it), so the scheduler may queue the
+   job again once this run has moved its next_sync;
+3. refuse what is not this node's (the guest moved: the scheduler routes it anew) or no longer
+   due (a stale message), unless the run was asked for by hand (`force`);
+4. run the engine (which takes the guest lock and records state, log and progress);
+5. on failure, call the notification hook (replq.notify, when installed).
+
+A run is cancelled cleanly — the `zfs send` process group killed, the target rolled back, the
+failure recorded — when the task is revoked with terminate (SIGTERM to the pool process) or the
+worker is asked to stop (the main process sends SIGUSR2 to its pool processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from celery import shared_task
+from celery.signals import worker_process_init
+
+from replq import context, dispatch
+from replq.app import TASK_REMOVE, TASK_REPLICATE
+from replq.errors import NotFound, ReplqError
+
+log = logging.getLogger("replq.worker")
+
+CANCEL_SIGNAL = signal.SIGUSR2  # main process → pool process: cancel the running job, keep the process
+KILL_AFTER = 10.0  # seconds a cancelled run gets to unwind before its child processes are killed
+GUEST_BUSY_DEFER = 15.0  # scheduler retry delay while another job of the guest runs
+
+_stores: dict[str, Any] = {}
+
+
+def _store(app: Any) -> Any:
+    """One store (connection pool) per pool process; created after the fork."""
+    from replq.store import Store
+
+    url = app.conf.get("replq_redis_url") or context.redis_url()
+    if url not in _stores:
+        _stores[url] = Store.from_url(url)
+    return _stores[url]
+
+
+def _node(app: Any) -> str:
+    return app.conf.get("replq_node") or context.local_node()
+
+
+def _notify_failed(store: Any, job_id: str) -> None:
+    """The failure hook lives in replq.notify (optional module); its errors never fail the task."""
+    try:
+        notify = importlib.import_module("replq.notify")
+    except ImportError:
+        return
+    hook = getattr(notify, "job_failed", None)
+    if hook is None:
+        return
+    try:
+        hook(store, job_id)
+    except Exception:  # noqa: BLE001 - a broken hook must not turn into a task error
+        log.exception("failure notification for job %s failed", job_id)
+
+
+# ---- cancellation of the running job ------------------------------------------------------------
+
+@dataclass
+class RunControl:
+    job_id: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    die_after: bool = False  # SIGTERM (revoke --terminate): the pool process exits once the run unwound
+    reason: str | None = None
+
+
+_current: RunControl | None = None
+
+
+def _child_groups() -> list[int]:
+    """Process groups led by our direct children: the engine starts `zfs send` in its own session."""
+    me = os.getpid()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == me and int(fields[2]) == int(entry):
+            out.append(int(entry))
+    return out
+
+
+def _kill_children_later(ctl: RunControl) -> None:
+    def killer() -> None:
+        if ctl.cancel.wait(0) and _current is ctl:
+            time.sleep(KILL_AFTER)
+            if _current is ctl:
+                for pgid in _child_groups():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pgid, signal.SIGKILL)
+
+    threading.Thread(target=killer, name="cancel-killer", daemon=True).start()
+
+
+def _on_cancel_signal(signum: int, _frame: Any) -> None:
+    ctl = _current
+    if ctl is None:
+        if signum == signal.SIGTERM:  # idle pool process asked to terminate: do so
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if not ctl.cancel.is_set():
+        ctl.reason = "task revoked" if signum == signal.SIGTERM else "worker stopping"
+        ctl.die_after = signum == signal.SIGTERM
+        ctl.cancel.set()
+        _kill_children_later(ctl)
+
+
+@worker_process_init.connect
+def _install_cancel_handlers(**_: Any) -> None:
+    signal.signal(signal.SIGTERM, _on_cancel_signal)
+    signal.signal(CANCEL_SIGNAL, _on_cancel_signal)
+
+
+# ---- the job lock ------------------------------------------------------------------------------
+
+class JobLock:
+    """The per-job lock with a heartbeat thread. Losing it (expired while Redis was away) cancels
+    the run: another worker may take the job now, and two runs must never overlap."""
+
+    def __init__(self, store: Any, job_id: str, on_lost: Any) -> None:
+        self.lock = dispatch.job_lock(store, job_id)
+        self.ttl = dispatch.JOB_LOCK_TTL
+        self.on_lost = on_lost
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        if not self.lock.acquire(blocking=False):
+            return False
+        self._thread = threading.Thread(target=self._beat, name="job-lock", daemon=True)
+        self._thread.start()
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self.lock.extend(self.ttl, replace_ttl=True)
+            except redis.exceptions.LockNotOwnedError:
+                log.error("job lock %s lost: cancelling the run", self.lock.name)
+                self.on_lost()
+                return
+            except redis.exceptions.RedisError:
+                continue  # Redis away for a moment: the TTL still covers the next attempt
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with contextlib.suppress(redis.exceptions.RedisError):
+            self.lock.release()
+
+
+# ---- tasks -------------------------------------------------------------------------------------
+
+def _result(job_id: str, status: str, ok: bool = False, error: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"job": job_id, "status": status, "ok": ok, "error": error, **extra}
+
+
+def _prologue(task: Any, job_id: str, force: bool) -> tuple[Any, Any, dict[str, Any] | None]:
+    """Checks every task makes after taking the job lock; returns (job, guest, early result)."""
+    store, node, tid = _store(task.app), _node(task.app), task.request.id
+    dispatch.clear_queued(store, job_id, tid)
+    try:
+        job = store.get_job(job_id)
+        guest = store.get_guest(job.guest)
+    except NotFound as exc:
+        return None, None, _result(job_id, "skipped", error=str(exc))
+    if guest.node != node:
+        # The scheduler queues by the guest's current node; this message predates a move.
+        return job, guest, _result(job_id, "moved", error=f"guest {guest.vmid} now lives on node '{guest.node}', "
+                                                          f"not '{node}'", node=guest.node)
+    if not force:
+        ns = store.next_sync(job_id)
+        if ns is None or ns > time.time() + 1:
+            return job, guest, _result(job_id, "skipped", ok=True, error="not due any more")
+    return job, guest, None
+
+
+def _run_guarded(task: Any, job_id: str, force: bool, body: Any) -> dict[str, Any]:
+    """The job lock around the prologue and `body(store, node, ctl)`, with cancel handling."""
+    global _current
+    store = _store(task.app)
+    ctl = RunControl(job_id)
+    lock = JobLock(store, job_id, on_lost=ctl.cancel.set)
+    if not lock.acquire():
+        dispatch.clear_queued(store, job_id, task.request.id)
+        return _result(job_id, "running", error=f"job {job_id} is already running (job lock held)")
+    _current = ctl
+    try:
+        job, guest, early = _prologue(task, job_id, force)
+        if early is not None:
+            return early
+        return body(store, _node(task.app), ctl, job)
+    finally:
+        _current = None
+        lock.release()
+        if ctl.die_after:  # revoked with terminate: behave like a terminated pool process
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@shared_task(bind=True, name=TASK_REPLICATE)
+def replicate(self: Any, job_id: str, force: bool = False) -> dict[str, Any]:
+    """Run replication job `job_id` on this node (the argument is the job id, shown in Flower)."""
+    from replq.replicate import GuestLocked, run_job
+
+    def body(store: Any, node: str, ctl: RunControl, job: Any) -> dict[str, Any]:
+        if job.remove_job:
+            return _remove(self, store, node, ctl, job_id, force)
+        worker = f"{self.request.hostname or node}:{os.getpid()}"
+        try:
+            res = run_job(store, job_id, node, worker=worker, task_id=self.request.id, cancel=ctl.cancel)
+        except GuestLocked as exc:
+            if not force:
+                dispatch.defer(store, job_id, self.request.id, GUEST_BUSY_DEFER)
+            return _result(job_id, "guest-locked", error=str(exc))
+        except ReplqError as exc:  # refused before the run started: nothing was recorded
+            return _result(job_id, "refused", error=str(exc))
+        if ctl.reason and not res.ok:
+            with contextlib.suppress(Exception):
+                store.append_log(job_id, f"(cancelled: {ctl.reason})")
+        if not res.ok:
+            _notify_failed(store, job_id)
+        return _result(job_id, "ok" if res.ok else "failed", ok=res.ok, error=res.error, bytes=res.bytes,
+                       duration=res.duration, start=res.start)
+
+    return _run_guarded(self, job_id, force, body)
+
+
+def _removal_impl() -> Any:
+    """The cleanup of a job marked remove_job (SPEC §7) comes with job removal (issue 7):
+    `remove_job(store, job_id, node, **kw)` in replq.remove or replq.replicate."""
+    for mod, name in (("replq.remove", "remove_job"), ("replq.replicate", "remove_job"),
+                      ("replq.migrate", "remove_job")):
+        try:
+            fn = getattr(importlib.import_module(mod), name, None)
+        except ImportError:
+            continue
+        if fn is not None:
+            return fn
+    return None
+
+
+def _remove(task: Any, store: Any, node: str, ctl: RunControl, job_id: str, force: bool) -> dict[str, Any]:
+    impl = _removal_impl()
+    if impl is None:
+        retry = float(store.get_settings().get("retry_interval", 1800))
+        if not force:
+            dispatch.defer(store, job_id, task.request.id, retry)
+        return _result(job_id, "pending", error="job removal is pending: this replq has no removal cleanup yet "
+                                                 "(use 'replq delete --force' to drop the job without cleanup)")
+    worker = f"{task.request.hostname or node}:{os.getpid()}"
+    try:
+        res = impl(store, job_id, node, worker=worker, task_id=task.request.id, cancel=ctl.cancel)
+    except ReplqError as exc:
+        return _result(job_id, "failed", error=str(exc))
+    ok = bool(getattr(res, "ok", True))
+    if not ok:
+        _notify_failed(store, job_id)
+    return _result(job_id, "removed" if ok else "failed", ok=ok, error=getattr(res, "error", None))
+
+
+@shared_task(bind=True, name=TASK_REMOVE)
+def remove_job(self: Any, job_id: str, force: bool = False) -> dict[str, Any]:
+    """Remove job `job_id` (remove_job=full/local): snapshots, target volumes, then config and state."""
+
+    def body(store: Any, node: str, ctl: RunControl, job: Any) -> dict[str, Any]:
+        if not job.remove_job:
+            return _result(job_id, "skipped", error="job is not marked for removal")
+        return _remove(self, store, node, ctl, job_id, force)
+
+    return _run_guarded(self, job_id, force, body)
