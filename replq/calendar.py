@@ -179,6 +179,7 @@ class _Parser:
         rest = self.s[pos:]
         if len(rest) > 40:
             rest = rest[:40] + "..."
+        rest = "".join(c if c.isprintable() else repr(c)[1:-1] for c in rest)  # stays one line
         return CalendarError(f"unable to parse calendar event at '{rest}'" + (f": {why}" if why else ""))
 
     def peek(self) -> str:
