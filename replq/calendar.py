@@ -11,6 +11,7 @@ probing, which decides which of two equal wall-clock times wins) rather than rei
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -676,6 +677,7 @@ def _seconds_usec(chain: Chain) -> Chain:
     return _scaled(chain)
 
 
+_END_USEC = (_days_from_civil(MAX_YEAR + 1, 0, 2) * 86400) * _USEC  # 2200-01-02 00:00 UTC
 _LOOP = "loop"  # systemd gave up: "Infinite loop in calendar calculation"
 
 
@@ -686,6 +688,9 @@ def _next_usec(ev: CalendarEvent, clock: _Clock, usec: int) -> int | None:
     normalised into a spring-forward gap; a systemd timer then stops firing. A replication job
     must not, so in that case the answer comes from a plain wall-clock search instead.
     """
+    if usec >= _END_USEC:  # nothing can follow the end of MAX_YEAR (and far times overflow datetime)
+        return None
+    usec = max(usec, -1)  # systemd counts from the epoch (usec_t is unsigned)
     nxt = _systemd_next_usec(ev, clock, usec)
     if nxt == _LOOP:
         return _wallclock_next_usec(ev, clock, usec)
@@ -902,6 +907,8 @@ def next_event_epoch(ev: CalendarEvent | str, after_epoch: float, tz: str | tzin
     if isinstance(ev, str):
         ev = parse(ev)
     zone = UTC if ev.utc else _zone(tz)
+    if not isinstance(after_epoch, int | float) or not math.isfinite(after_epoch):
+        raise CalendarError(f"invalid instant {after_epoch!r}")
     usec = round(after_epoch * _USEC)
     nxt = _next_usec(ev, _clock(zone), usec)
     return None if nxt is None else nxt / _USEC

@@ -168,6 +168,15 @@ def test_search_stops_at_year_2199() -> None:
     assert iso(parse("*-12-31 23:59:59 UTC").events(utc("2199-12-30 00:00:00"), "UTC", 3)) == ["2199-12-31 23:59:59"]
 
 
+def test_far_instants() -> None:
+    assert next_event_epoch("*/5", 1e15, "UTC") is None
+    assert parse("*/5").next_event(datetime(9999, 12, 31, 23, 59, tzinfo=UTC), "Pacific/Kiritimati") is None
+    assert next_event_epoch("*/5", -1e12, "UTC") == 0.0
+    assert next_event_epoch("daily", -3600, "Europe/Berlin") == 23 * 3600  # 1970-01-02 00:00 CET
+    with pytest.raises(CalendarError):
+        next_event_epoch("*/5", float("nan"), "UTC")
+
+
 def test_strictly_after_and_fractions() -> None:
     ev = parse("*/5")
     assert next_event_epoch(ev, utc("2026-01-03 14:10:00").timestamp(), "UTC") == utc("2026-01-03 14:15:00").timestamp()
