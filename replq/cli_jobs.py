@@ -91,16 +91,19 @@ def create_local_job(env: Env, job_id: str, target: str, schedule: str | None, r
 @click.option("--comment", help="Free text.")
 @click.option("--disable", metavar="0|1", help="Disable (1) or enable (0) the job.")
 @click.option("--source", help="The node the guest lives on.")
+@click.option("--remove_job", "remove_job", metavar="local|full", help="Mark the job for removal (as `delete`).")
 @click.option("--delete", "delete", metavar="PROP[,PROP]", help="Unset properties (schedule, rate, comment, ...).")
 @click.option("--digest", help="Refuse the change if the job changed since this digest was read.")
 @pass_env
 @redis_errors
 def update(env: Env, job_id: str, schedule: str | None, rate: str | None, comment: str | None,
-           disable: str | None, source: str | None, delete: str | None, digest: str | None) -> None:
+           disable: str | None, source: str | None, remove_job: str | None, delete: str | None,
+           digest: str | None) -> None:
     """Change a replication job (target is fixed)."""
     parse_job_id(job_id)
     changes: dict[str, Any] = {}
-    for key, value in (("schedule", schedule), ("rate", rate), ("comment", comment), ("source", source)):
+    for key, value in (("schedule", schedule), ("rate", rate), ("comment", comment), ("source", source),
+                       ("remove_job", remove_job)):
         if value is not None:
             changes[key] = value
     if disable is not None:

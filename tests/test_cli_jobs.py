@@ -105,6 +105,16 @@ def test_refusals_one_line_exit_1(store: Store) -> None:
     refused("list", "--output-format", "xml", code=2)
 
 
+def test_comment_is_free_text_stored_exactly(store: Store) -> None:
+    comment = "DR; rm -rf / `id` $(x) | 'q' \"dq\" 100% a:b é ✓"
+    ok("create-local-job", "100-0", "pve2", "--comment", comment)
+    assert store.get_job("100-0").comment == comment
+    assert json.loads(ok("read", "100-0", "--output-format", "json"))["comment"] == comment
+    ok("update", "100-0", "--remove_job", "local")
+    assert store.get_job("100-0").remove_job == "local"
+    assert "remove_job" in refused("update", "100-0", "--remove_job", "all")
+
+
 def test_digest(store: Store) -> None:
     ok("create-local-job", "100-0", "pve2")
     d = json.loads(ok("read", "100-0", "--output-format", "json"))["digest"]
@@ -207,6 +217,7 @@ COMMANDS = [
     ["update", "{}", "--rate", "5"], ["update", "100-0", "--schedule", "{}"], ["update", "100-0", "--rate", "{}"],
     ["update", "100-0", "--disable", "{}"], ["update", "100-0", "--delete", "{}"],
     ["update", "100-0", "--rate", "5", "--digest", "{}"], ["update", "100-0", "--source", "{}"],
+    ["update", "100-0", "--remove_job", "{}"],
     ["delete", "{}"], ["enable", "{}"], ["disable", "{}"], ["read", "{}"], ["schedule-now", "{}"],
     ["status", "--guest", "{}"], ["set-state", "{}", "{{}}"], ["set-state", "100", "{}"],
     ["list", "--output-format", "{}"],
