@@ -23,7 +23,9 @@ from replq.model import Job, format_rate, job_id_sort_key, parse_bool, parse_job
 OPTION_ORDER = ("target", "rate", "remove_job", "schedule", "source")
 KNOWN = ("comment", "disable", *OPTION_ORDER)
 _HEADER_RE = re.compile(r"(\S+):\s*(\S+)\s*")
-_OPTION_RE = re.compile(r"\s+(\S+)(?:\s+(.*\S))?\s*")
+# Only ASCII blanks separate and trail (encode_text escapes those inside a comment), so a
+# comment's own Unicode white space survives.
+_OPTION_RE = re.compile(r"[ \t]+([^ \t]+)(?:[ \t]+(.*?))?[ \t]*")
 
 
 def encode_text(text: str) -> str:
@@ -81,6 +83,7 @@ def parse(text: str) -> list[Job]:
         section = None
 
     for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")  # a file edited on Windows; a comment's own CR is escaped
         if "\x00" in line:
             raise ValidationError(f"line {n}: contains a NUL character")
         if not line.strip():
@@ -116,8 +119,8 @@ def parse(text: str) -> list[Job]:
         if key in section:
             raise ValidationError(f"line {n}: duplicate property '{key}'")
         if key == "disable":
-            section[key] = True if value is None else _bool(value, n)
-        elif value is None:
+            section[key] = True if not value else _bool(value, n)
+        elif not value:
             raise ValidationError(f"line {n}: property '{key}' needs a value")
         else:
             section[key] = decode_text(value) if key == "comment" else value

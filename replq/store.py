@@ -138,7 +138,10 @@ class Store:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> Store:
-        return cls(redis.Redis.from_url(url, decode_responses=True), prefix)
+        try:
+            return cls(redis.Redis.from_url(url, decode_responses=True), prefix)
+        except ValueError as exc:
+            raise ValidationError(f"invalid Redis URL '{show(url)}': {exc}") from None
 
     # ---- keys ---------------------------------------------------------------------------
     def k(self, *parts: object) -> str:

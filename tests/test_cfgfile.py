@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from replq.cfgfile import decode_text, encode_text, export_jobs, parse
 from replq.errors import ValidationError
@@ -27,7 +29,8 @@ def test_layout_order_and_separation() -> None:
 
 
 @pytest.mark.parametrize("comment", ["a:b", "100%", "line1\nline2\ttab", " lead and trail  ", "  ", "é ✓ ü",
-                                     "%41 literal", "x" * 4096, "\x7f\x01", "ÿ:%"])
+                                     "%41 literal", "x" * 4096, "\x7f\x01", "ÿ:%", "\u3000wide\u3000",
+                                     "a\u2028b\u0085"])
 def test_comment_escaping_round_trip(comment: str) -> None:
     job = Job("100-0", "pve2", comment=comment)
     text = export_jobs([job])
@@ -36,6 +39,10 @@ def test_comment_escaping_round_trip(comment: str) -> None:
     assert parse(text) == [job]
     assert export_jobs(parse(text)) == text
     assert decode_text(encode_text(comment)) == comment
+
+
+def test_crlf_lines_accepted() -> None:
+    assert parse(SPEC_SAMPLE.replace("\n", "\r\n")) == parse(SPEC_SAMPLE)
 
 
 def test_pve_encoding_compatible() -> None:
@@ -62,9 +69,20 @@ def test_proxmox_written_file_without_schedule_and_comments() -> None:
     ("local: 100-0\n\ttarget a\n\tschedule */0\n", "line 1: job '100-0': "),
     ("local: 100-0\n\ttarget a;b\n", "target node name"),
     ("local: 100-0\n\ttarget\n", "needs a value"),
+    ("local: 100-0\n\ttarget  \n", "needs a value"),
     ("garbage line\n", "line 1: unable to parse section header"),
     ("local: 100-0\n\ttarget a\x00\n", "NUL"),
 ])
 def test_parse_errors_name_the_line(text: str, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         parse(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=300),
+       st.sampled_from([None, 1.0, 2.5, 1e3, 123.456]), st.booleans())
+def test_round_trip_property(comment: str, rate: float | None, disable: bool) -> None:
+    job = Job("100-0", "pve2", comment=comment, rate=rate, disable=disable, source="pve1")
+    text = export_jobs([job])
+    assert parse(text) == [job]
+    assert export_jobs(parse(text)) == text
