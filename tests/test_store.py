@@ -306,3 +306,26 @@ def test_prefix_isolation(redis_url: str) -> None:
     a.add_node(Node("pve1", "10.0.0.1"))
     assert b.list_nodes() == []
     assert all(k.startswith("replq:") for k in a.redis.keys("*"))
+
+
+def test_reindex_all_skips_jobs_changed_meanwhile(store: Store) -> None:
+    store.create_job(Job("100-0", "pve2"), now=NOW)
+    store.create_job(Job("101-0", "pve2"), now=NOW)
+    real = store._cas_index
+
+    def racing(keys: list[str], args: list[str]) -> int:
+        # A worker records a run between the bulk read and the bulk write.
+        store.update_state("100-0", now=NOW, last_try=NOW, last_sync=NOW)
+        return real(keys=keys, args=args)
+
+    store._cas_index = racing  # type: ignore[method-assign]
+    assert store.reindex_all(now=NOW + 1) == 1  # only 101-0 written by the bulk pass
+    assert store.next_sync("100-0") == datetime(2026, 3, 10, 12, 15, tzinfo=UTC).timestamp()
+    assert store.next_sync("101-0") == NOW + 1
+
+
+def test_reindex_one(store: Store) -> None:
+    store.create_job(Job("100-0", "pve2"), now=NOW)
+    store.redis.zrem(store.k("sched"), "100-0")  # e.g. an index lost or written by an older version
+    assert store.reindex("100-0", now=NOW + 5) == NOW + 5 and store.next_sync("100-0") == NOW + 5
+    raises(NotFound, "does not exist", lambda: store.reindex("100-9"))
