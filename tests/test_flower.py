@@ -89,7 +89,10 @@ def flower(redis_url: str, tmp_path: Path) -> Iterator[str]:
 
 def test_flower_lists_replq_tasks_with_job_ids(redis_url: str, flower: str, tmp_path: Path) -> None:
     from replq import app as appmod
+    from replq.model import Node
+    from replq.store import Store
 
+    Store.from_url(redis_url).add_node(Node("fl1", "127.0.0.1"))  # a worker serves a known node
     worker = None
     if has_command("worker"):
         worker = start(["worker", "--node", "fl1", "--concurrency", "1"], tmp_path / "worker.log")
