@@ -582,13 +582,14 @@ def _clock(zone: tzinfo) -> _Clock:
 class _State:
     """One find_next() run: the mktime offset guess (glibc keeps it in a static) and the last result."""
 
-    __slots__ = ("clock", "guess", "last", "last_wday")
+    __slots__ = ("clock", "guess", "last", "last_wday", "last_isdst")
 
     def __init__(self, clock: _Clock) -> None:
         self.clock = clock
         self.guess = 0
         self.last: tuple[int, int, int, int, int, int] | None = None
         self.last_wday = 0
+        self.last_isdst = 0
 
     def mktime(
         self, y: int, mon: int, mday: int, hour: int, minute: int, sec: int, isdst: int
@@ -644,7 +645,7 @@ class _State:
         if exact and in_range and 0 <= hour <= 23 and 0 <= minute <= 59:
             fields = (y, mon, mday, hour, minute, sec_requested)
             # Calling mktime() again on these fields would change nothing, not even the guess.
-            self.last, self.last_wday = fields, wday
+            self.last, self.last_wday, self.last_isdst = fields, wday, tm_isdst
         else:
             yy, mm, dd = _civil_from_days(days)
             fields = (yy, mm, dd, rem // 3600, rem // 60 % 60, rem % 60)
@@ -710,8 +711,8 @@ def _systemd_next_usec(ev: CalendarEvent, clock: _Clock, usec: int) -> int | str
     found = _find_next(ev, st, c, isdst, tm_usec)
     if found is None or found == _LOOP:
         return found
-    fields, tm_usec = found  # type: ignore[misc]
-    res = st.mktime(*fields, -1)
+    fields, tm_usec, isdst = found  # type: ignore[misc]
+    res = st.mktime(*fields, isdst)
     if res is None:
         return None
     return res[0] * _USEC + tm_usec
@@ -766,20 +767,23 @@ def _wallclock_next_usec(ev: CalendarEvent, clock: _Clock, usec: int) -> int | N
 
 def _find_next(
     ev: CalendarEvent, st: _State, c: list[int], isdst: int, tm_usec: int
-) -> tuple[tuple[int, int, int, int, int, int], int] | str | None:
+) -> tuple[tuple[int, int, int, int, int, int], int, int] | str | None:
     """A port of systemd's find_next() (v249+): c = [year, month0, mday, hour, min, sec]."""
     mktime = st.mktime
     seconds = _seconds_usec(ev.second)
+    start, start_usec = (c[0], c[1], c[2], c[3], c[4], c[5]), tm_usec
+    invalidate_dst = False
     weekdays = ev.weekdays
 
     def within(c: list[int]) -> int:
         """tm_within_bounds(): 1 = fine, 0 = normalised forward (c updated), -1 = error/backwards."""
+        nonlocal isdst
         if c[0] > MAX_YEAR:
             return -1
         key = (c[0], c[1], c[2], c[3], c[4], c[5])
-        if key == st.last:  # same fields as the last mktime(): nothing would change
+        if key == st.last and (isdst < 0 or isdst == st.last_isdst):  # mktime() would change nothing
             return 1
-        res = mktime(c[0], c[1], c[2], c[3], c[4], c[5], -1)
+        res = mktime(c[0], c[1], c[2], c[3], c[4], c[5], isdst)
         if res is None:
             return -1
         t = list(res[1])
@@ -804,7 +808,6 @@ def _find_next(
             return -1
         if cmp > 0:
             c[:] = t
-            nonlocal isdst
             isdst = res[2]
             return 0
         return 1
@@ -813,7 +816,10 @@ def _find_next(
         res = mktime(c[0], c[1], c[2], c[3], c[4], c[5], isdst)
         if res is not None:
             c[:] = res[1]
-        isdst = -1
+            if invalidate_dst:
+                isdst = res[2]
+        if not invalidate_dst:
+            isdst = -1
 
         v = _match(ev.year, c[0])
         if v is None:
@@ -852,10 +858,10 @@ def _find_next(
             continue
 
         if weekdays != _ALL_WEEKDAYS:
-            if tuple(c) == st.last:
+            if tuple(c) == st.last and (isdst < 0 or isdst == st.last_isdst):
                 wday = st.last_wday
             else:
-                wres = mktime(c[0], c[1], c[2], c[3], c[4], c[5], -1)
+                wres = mktime(c[0], c[1], c[2], c[3], c[4], c[5], isdst)
                 wday = -1 if wres is None else wres[3]
             if wday < 0 or not weekdays & (1 << wday):
                 c[2:] = [c[2] + 1, 0, 0, 0]
@@ -898,7 +904,14 @@ def _find_next(
             continue
         if r == 0:
             continue
-        return (c[0], c[1], c[2], c[3], c[4], c[5]), tm_usec
+        found = (c[0], c[1], c[2], c[3], c[4], c[5])
+        if found < start or (found == start and start_usec >= tm_usec + 1):
+            # Stuck (a backwards normalisation in a negative-DST zone such as Europe/Dublin): step an
+            # hour and let mktime() pick the DST side from now on (systemd PR #36897, in Debian 252).
+            invalidate_dst = True
+            c[3] += 1
+            continue
+        return found, tm_usec, isdst
     return _LOOP  # systemd: "Infinite loop in calendar calculation"
 
 

@@ -262,6 +262,18 @@ def test_weekly_across_dst_is_wall_clock() -> None:
     assert job_limit_problem(parse("weekly"), BERLIN) is None
 
 
+def test_negative_dst_zone_moves_forward() -> None:
+    # Europe/Dublin: tzdata marks winter (GMT) as the DST period; systemd before PR #36897 repeated
+    # 00:00 GMT forever here. Hand-checked: 01:00 GMT does not exist on 30 March 2025.
+    got = parse("hourly").events(utc("2025-03-29 22:00:00"), "Europe/Dublin", 4)
+    assert [g.isoformat() for g in got] == [
+        "2025-03-29T23:00:00+00:00",
+        "2025-03-30T00:00:00+00:00",
+        "2025-03-30T02:00:00+01:00",
+        "2025-03-30T03:00:00+01:00",
+    ]
+
+
 def test_systemd_infinite_loop_case_still_finds_the_event() -> None:
     # systemd 252 gives up here ("Infinite loop in calendar calculation"); a job must not stop.
     got = next_event_epoch("14/6:25..55", utc("2026-03-28 22:30:00").timestamp(), "Europe/Berlin")

@@ -248,6 +248,10 @@ BASES = [
     ("America/New_York", at("2026-11-01 06:30:00")),
     ("America/New_York", at("2027-01-01 04:59:00")),  # local year end
     ("America/New_York", at("2026-04-30 23:30:00")),
+    # negative DST (winter time is the "DST" in tzdata): systemd once hung here (PR #36897)
+    ("Europe/Dublin", at("2025-03-29 22:00:00")),
+    ("Europe/Dublin", at("2025-03-30 00:00:00")),
+    ("Europe/Dublin", at("2025-10-26 00:30:00")),
     # UTC: month, year ends and leap days
     ("UTC", at("2028-02-28 23:59:00")),
     ("UTC", at("2028-02-29 12:00:00")),
