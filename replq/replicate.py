@@ -382,9 +382,7 @@ class Replication:
                 self.local.snapshot(vp.dataset, p.snapshot)
                 made.append(vp.dataset)
         except BaseException:
-            for ds in made:
-                with contextlib.suppress(Exception):
-                    self.local.destroy_snapshot(ds, p.snapshot)
+            self._remove_new_snapshots(made, p.snapshot)
             raise
         self.log(f"created snapshot {p.snapshot} on {len(made)} volume(s)")
         # 7. send
@@ -400,10 +398,7 @@ class Replication:
             for vp, est in zip(p.volumes, estimates, strict=True):
                 self._send_volume(job, vp, p.snapshot, est, bucket, progress, result)
         except BaseException:
-            for ds in made:
-                with contextlib.suppress(Exception):
-                    self.local.destroy_snapshot(ds, p.snapshot)
-            self.log(f"deleted new snapshot {p.snapshot} on the source")
+            self._remove_new_snapshots(made, p.snapshot)
             raise
         # 8. last_sync first: from here on the new snapshot is the base, whatever happens next
         self.store.update_state(self.job_id, last_sync=start)
@@ -414,6 +409,15 @@ class Replication:
                 self._cleanup(remote, vp.dataset, name, job.target)
         progress.update(0, force=True)
         return sorted({v.storage for v in volumes})
+
+    def _remove_new_snapshots(self, datasets: list[str], snap: str) -> None:
+        for ds in datasets:
+            try:
+                self.local.destroy_snapshot(ds, snap)
+                self.log(f"deleted new snapshot '{ds}@{snap}'")
+            except ReplqError as exc:
+                # Harmless for the next run (it is sent along or cleaned up), but say so.
+                self.log(f"warning: could not delete new snapshot '{ds}@{snap}': {exc}")
 
     def _cleanup(self, z: zfs.Zfs, dataset: str, name: str, where: str) -> None:
         try:
@@ -466,7 +470,10 @@ class Replication:
                 try:
                     stream.write(view[:n])
                 except ssh.RemoteExited:
-                    break  # zfs recv gave up: its exit status and stderr say why (below)
+                    # zfs recv gave up: its exit status and stderr say why.
+                    _stop_sender(sender)
+                    res = stream.finish(timeout=60)
+                    raise self._target_error(vp, res.stderr or "zfs recv ended before the stream") from None
                 sent += n
                 progress.update(sent)
                 if self.cancel is not None and self.cancel.is_set():
@@ -484,7 +491,7 @@ class Replication:
                 err = self._target_error(vp, res.stderr)
                 raise err
         except BaseException as exc:
-            _kill_group(sender)
+            _stop_sender(sender)
             if stream is not None:
                 stream.abort()
             errfile.close()
@@ -541,10 +548,20 @@ class Replication:
             self.remote = None
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
+def _stop_sender(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop `zfs send`: close its pipe first (it exits on SIGPIPE and releases the snapshot
+    cleanly; a SIGKILLed zfs-fuse client leaves the snapshot busy in the daemon), then kill
+    its process group if it is still there."""
+    if proc.stdout is not None:
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
 
 
 def run_job(store: Any, job_id: str, node: str, **kw: Any) -> RunResult:

@@ -289,9 +289,10 @@ class Stream:
                 f"connection to {self.conn.where} stalled: no progress for {self.conn.io_timeout:.0f} s"
             ) from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            if self.chan.exit_status_ready():
-                raise RemoteExited(f"remote command on {self.conn.where} exited early") from None
             t = self.conn.transport
+            # A dying transport also marks the channel's status "ready" (with -1): not an exit.
+            if t is not None and t.is_active() and self.chan.exit_status_ready() and self.chan.exit_status != -1:
+                raise RemoteExited(f"remote command on {self.conn.where} exited early") from None
             reason = t.get_exception() if t is not None else None
             raise ConnectionLost(f"connection to {self.conn.where} lost mid-stream: {reason or exc}") from None
         self.sent += len(data)

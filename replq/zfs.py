@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +27,7 @@ _COMPONENT = r"[A-Za-z0-9_][A-Za-z0-9_.:-]*"
 DATASET_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 SNAPNAME_RE = re.compile(rf"^{_COMPONENT}$")
 MAX_NAME = 255
+BUSY_WAIT = 6.0  # seconds to retry a destroy/rollback refused with "dataset is busy"
 
 
 # ---------------------------------------------------------------------------------- names
@@ -324,11 +326,20 @@ class Zfs:
     def node(self) -> str:
         return self.runner.node
 
-    def _run(self, argv: list[str], what: str, timeout: float | None = None) -> Result:
-        res = self.runner.run(argv, timeout=timeout)
-        if res.returncode != 0:
-            raise map_error(res.stderr, what, self.node, self.side)
-        return res
+    def _run(self, argv: list[str], what: str, timeout: float | None = None, busy_wait: float = 0.0) -> Result:
+        """Run; on "dataset is busy" retry for up to `busy_wait` s (zfs-fuse holds a dataset
+        busy for a moment after its files were last used)."""
+        deadline = time.monotonic() + busy_wait
+        delay = 0.25
+        while True:
+            res = self.runner.run(argv, timeout=timeout)
+            if res.returncode == 0:
+                return res
+            err = map_error(res.stderr, what, self.node, self.side)
+            if not isinstance(err, DatasetBusy) or time.monotonic() + delay > deadline:
+                raise err
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     def features(self) -> Features:
         """Detect optional zfs features once, without side effects (no snapshot argument given)."""
@@ -369,20 +380,21 @@ class Zfs:
 
     def destroy_snapshot(self, dataset: str, snap: str, missing_ok: bool = True) -> None:
         try:
-            self._run(destroy_snapshot_argv(dataset, snap), f"deleting snapshot '{dataset}@{snap}'")
+            what = f"deleting snapshot '{dataset}@{snap}'"
+            self._run(destroy_snapshot_argv(dataset, snap), what, busy_wait=BUSY_WAIT)
         except DatasetNotFound:
             if not missing_ok:
                 raise
 
     def destroy_dataset(self, dataset: str, missing_ok: bool = True) -> None:
         try:
-            self._run(destroy_dataset_argv(dataset), f"deleting volume '{dataset}'")
+            self._run(destroy_dataset_argv(dataset), f"deleting volume '{dataset}'", busy_wait=BUSY_WAIT)
         except DatasetNotFound:
             if not missing_ok:
                 raise
 
     def rollback(self, dataset: str, snap: str) -> None:
-        self._run(rollback_argv(dataset, snap), f"rolling back '{dataset}' to '{snap}'")
+        self._run(rollback_argv(dataset, snap), f"rolling back '{dataset}' to '{snap}'", busy_wait=BUSY_WAIT)
 
     def estimate_send_size(self, dataset: str, snap: str | None, base: str | None) -> int | None:
         """Bytes `send -Rp [-I base] dataset@snap` will produce, or None when unknown.
