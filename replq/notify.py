@@ -5,7 +5,8 @@ name a hook, it is called at fail_count 1, 2 and 3, then only at every `notify_e
 consecutive failure (default 10: with the 30-minute retry interval, every five hours), so a
 job stuck in error state does not page someone on every retry forever.
 
-Settings (cluster settings in the store, read defensively: a missing or odd value means "off"):
+Settings (cluster settings in the store, read defensively: a missing or odd value means "off";
+each falls back to the worker's environment variable REPLQ_NOTIFY_COMMAND / _URL / _EVERY):
     notify_command   argv of a program to run (a JSON list, or a string split like a shell
                      would split words; never run through a shell). It gets the facts in its
                      environment: REPLQ_EVENT, REPLQ_JOB_ID, REPLQ_JOB_GUEST, REPLQ_JOB_TARGET,
@@ -44,8 +45,20 @@ def should_notify(fail_count: int, every: int = DEFAULT_EVERY) -> bool:
     return fail_count <= FIRST_NOTIFICATIONS or fail_count % max(1, every) == 0
 
 
+def _with_env(settings: dict[str, Any]) -> dict[str, Any]:
+    """Cluster settings win; a worker's environment (e.g. /etc/replq/replq.env) fills the gaps."""
+    out = dict(settings)
+    for key in ("notify_command", "notify_url", "notify_every"):
+        if out.get(key) in (None, "", []):
+            value = os.environ.get(f"REPLQ_{key.upper()}")
+            if value:
+                out[key] = value
+    return out
+
+
 def hook_settings(settings: dict[str, Any]) -> tuple[list[str] | None, str | None, int]:
-    """(command argv, webhook URL, every) from the cluster settings; invalid values are ignored."""
+    """(command argv, webhook URL, every) from the settings (or environment); invalid values are ignored."""
+    settings = _with_env(settings)
     command: list[str] | None = None
     raw = settings.get("notify_command")
     if isinstance(raw, list) and raw and all(isinstance(a, str) and a for a in raw):

@@ -31,6 +31,12 @@ def set_settings(store: Store, **values: Any) -> None:
         store.redis.hset(store.k("settings"), key, json.dumps(value))
 
 
+@pytest.fixture(autouse=True)
+def _no_hook_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("REPLQ_NOTIFY_COMMAND", "REPLQ_NOTIFY_URL", "REPLQ_NOTIFY_EVERY"):
+        monkeypatch.delenv(key, raising=False)
+
+
 @pytest.fixture
 def store(redis_url: str) -> Store:
     s = Store.from_url(redis_url)
@@ -155,3 +161,17 @@ def test_webhook_unreachable_is_quick(store: Store) -> None:
 
 def test_no_hook_configured(store: Store) -> None:
     assert fail_once(store, "100-0", "x") == []
+
+
+def test_environment_fallback(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without cluster settings, a worker's environment (systemd's replq.env) configures the hook."""
+    out = tmp_path / "calls.jsonl"
+    script = tmp_path / "hook.py"
+    script.write_text(HOOK)
+    monkeypatch.setenv("REPLQ_NOTIFY_COMMAND", f"{sys.executable} {script} {out}")
+    monkeypatch.setenv("REPLQ_NOTIFY_EVERY", "5")
+    assert [bool(fail_once(store, "100-0", "x")) for _ in range(5)] == [True, True, True, False, True]
+    set_settings(store, notify_command=[sys.executable, "-c", "pass"])  # the cluster setting wins
+    store.update_state("100-0", fail_count=0)
+    assert fail_once(store, "100-0", "x") == ["command"]
+    assert len(out.read_text().splitlines()) == 4
