@@ -22,7 +22,7 @@ UNITS = ROOT / "deploy" / "systemd"
 VAR_RE = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::?[-?][^}]*)?\}")
 SAMPLE = {"REPLQ_REDIS_PASSWORD": "pw", "REPLQ_FLOWER_PASSWORD": "fpw", "REPLQ_NODE": "pve1",
           "REPLQ_REDIS_HOST": "10.0.0.1", "REPLQ_BIND": "127.0.0.1", "REPLQ_SSH_DIR": "/root/.ssh",
-          "REPLQ_FLOWER_USER": "admin"}
+          "REPLQ_FLOWER_USER": "admin", "REPLQ_NOTIFY_URL": ""}
 
 
 def interpolate(value: str) -> str:
@@ -184,3 +184,17 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True,
                        timeout=60, cwd=tmp_path)
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+
+
+def test_readme_replq_commands_parse() -> None:
+    """Every `.venv/bin/replq …` line in README's shell blocks is a command replq accepts."""
+    text = (ROOT / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith(".venv/bin/replq "):
+                lines.append(line)
+    assert len(lines) >= 8
+    for line in lines:
+        parse_replq(shlex.split(line))
