@@ -1,0 +1,273 @@
+"""The Celery runtime on the sandbox cluster: a real beat, a real `replq worker` inside each node,
+real zfs-fuse pools and sshd, the sandbox's redis-server. No `run` command anywhere: beat decides.
+
+Timing knobs are shortened through the environment (job lock TTL 20 s, interrupted-run sweep
+every 3 s, retry_interval 60 s — the smallest the store accepts), so the module takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from replq import dispatch
+from replq.app import TASK_REPLICATE, enqueue, make_app, new_task_id
+from replq.calendar import next_event_epoch
+from replq.model import Disk, Guest, Job
+from replq.sandbox import Sandbox, process_alive
+from replq.store import Store
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
+
+REPO = str(Path(__file__).resolve().parent.parent)
+POOL, MOUNT = "rpool/data", "/rpool/data"
+RETRY = 60
+KNOBS = {"PYTHONPATH": REPO, "REPLQ_JOB_LOCK_TTL": "20", "REPLQ_SWEEP_INTERVAL": "3", "REPLQ_BEAT_LOCK_TTL": "10"}
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str, every: float = 0.25) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Runtime:
+    """The session sandbox with beat and one worker per node running; helpers for guests and data."""
+
+    def __init__(self, sb: Sandbox, logdir: Path) -> None:
+        self.sb = sb
+        self.store = Store.from_url(sb.redis_url)
+        self.logdir = logdir
+        self.beat: subprocess.Popen | None = None
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    # --- services -----------------------------------------------------------------------
+    def start_beat(self) -> None:
+        env = {**os.environ, **self.sb.env(), **KNOBS}
+        with open(self.logdir / "beat.log", "ab") as fh:
+            self.beat = subprocess.Popen([sys.executable, "-m", "replq", "beat"], env=env, cwd=REPO, stdout=fh,
+                                         stderr=fh, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def start_worker(self, node: str) -> subprocess.Popen:
+        with open(self.logdir / f"worker-{node}.log", "ab") as fh:
+            p = self.sb.popen(node, [sys.executable, "-m", "replq", "worker", "--node", node, "--concurrency", "2"],
+                              env=KNOBS, cwd=REPO, stdout=fh, stderr=fh, stdin=subprocess.DEVNULL,
+                              start_new_session=True)
+        self.workers[node] = p
+        app = make_app(self.sb.redis_url)
+        try:
+            wait_for(lambda: dispatch._worker_alive(app, node, 1.0), 30, f"worker of {node} to answer")
+        finally:
+            app.close()
+        return p
+
+    def stop_all(self) -> None:
+        procs = [p for p in [self.beat, *self.workers.values()] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def log(self, name: str) -> str:
+        return (self.logdir / name).read_text(errors="replace")
+
+    # --- zfs and the store ---------------------------------------------------------------
+    def sh(self, node: str, script: str) -> str:
+        r = self.sb.exec(node, ["sh", "-c", script], timeout=120)
+        assert r.returncode == 0, f"{node}: {script}: {r.stderr}"
+        return r.stdout
+
+    def guest(self, vmid: int, node: str, mb: int = 2) -> str:
+        ds = f"{POOL}/subvol-{vmid}-disk-0"
+        self.sh(node, f"zfs create {ds} && head -c {mb}M /dev/urandom > {MOUNT}/subvol-{vmid}-disk-0/data && sync")
+        self.store.add_guest(Guest(vmid=vmid, node=node, disks=[Disk(f"local-zfs:subvol-{vmid}-disk-0")]))
+        return ds
+
+    def checksum(self, node: str, vmid: int) -> str:
+        return self.sh(node, f"cd {MOUNT}/subvol-{vmid}-disk-0 && find . -type f | LC_ALL=C sort | xargs -r sha256sum")
+
+    def state(self, job_id: str):  # noqa: ANN201
+        return self.store.get_state(job_id)
+
+    def synced_after(self, job_id: str, t: float) -> bool:
+        st = self.state(job_id)
+        return st.last_sync > t and st.fail_count == 0 and not st.worker
+
+    def replq(self, *args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, **self.sb.env(), "PYTHONPATH": REPO}
+        return subprocess.run([sys.executable, "-m", "replq", *args], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def rt(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    r = Runtime(sandbox, tmp_path_factory.mktemp("runtime-logs"))
+    r.store.set_setting("retry_interval", RETRY)
+    try:
+        r.start_beat()
+        for node in sandbox.node_names():
+            r.start_worker(node)
+        yield r
+    finally:
+        r.stop_all()
+        r.store.set_setting("retry_interval", 1800)
+    for name, p in [("beat", r.beat), *r.workers.items()]:
+        assert p is not None and p.returncode == 0, f"{name} exited {p.returncode if p else None}"
+
+
+def test_new_job_is_synced_by_beat_and_worker(rt: Runtime) -> None:
+    rt.guest(3001, "node1")
+    created = time.time()
+    rt.store.create_job(Job(id="3001-0", target="node2", schedule="*/15"))
+    wait_for(lambda: rt.synced_after("3001-0", 0), 40, "the first sync")
+    st = rt.state("3001-0")
+    assert st.last_node == "node1" and st.bytes > 0
+    assert rt.checksum("node1", 3001) == rt.checksum("node2", 3001)
+    assert st.last_try - created < 5  # due at creation; beat ticks every second
+    log = rt.store.read_log("3001-0")
+    assert log[0].endswith("start replication job") and log[-1].endswith("end replication job")
+    # Calendar schedule: next due at the next quarter hour after this attempt.
+    assert rt.store.next_sync("3001-0") == pytest.approx(
+        next_event_epoch("*/15", st.last_try, rt.store.get_settings()["timezone"]))
+
+
+def test_minutely_job_runs_at_each_minute(rt: Runtime) -> None:
+    rt.guest(3002, "node2")
+    rt.store.create_job(Job(id="3002-0", target="node3", schedule="*/1"))
+    wait_for(lambda: rt.synced_after("3002-0", 0), 40, "the first sync")
+    first = rt.state("3002-0").last_sync
+    boundary = (int(first) // 60 + 1) * 60
+    rt.sh("node2", f"head -c 1M /dev/urandom > {MOUNT}/subvol-3002-disk-0/more && sync")
+    wait_for(lambda: rt.state("3002-0").last_sync >= boundary, boundary - time.time() + 30, "the run at the minute")
+    st = rt.state("3002-0")
+    lag = st.last_try - boundary
+    print(f"due -> run start: {lag:.1f} s")
+    assert 0 <= lag <= 5, lag  # started within seconds of its calendar event
+    assert rt.checksum("node2", 3002) == rt.checksum("node3", 3002)
+
+
+def test_error_state_retry_and_recovery(rt: Runtime) -> None:
+    rt.guest(3003, "node1")
+    rt.store.create_job(Job(id="3003-0", target="node3", schedule="*/15"))
+    wait_for(lambda: rt.synced_after("3003-0", 0), 40, "the first sync")
+    good = rt.state("3003-0").last_sync
+    rt.sb.stop_node("node3")  # its sshd, its worker and its ZFS
+    try:
+        rt.sh("node1", f"head -c 1M /dev/urandom > {MOUNT}/subvol-3003-disk-0/more && sync")
+        r = rt.replq("schedule-now", "3003-0")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: rt.state("3003-0").fail_count == 1, 60, "the failed attempt")
+        st = rt.state("3003-0")
+        assert "node3" in (st.error or ""), st.error
+        assert st.last_sync == good
+        # Error state: the calendar is suspended, the retry is retry_interval after the attempt.
+        assert rt.store.next_sync("3003-0") == pytest.approx(st.last_try + RETRY)
+        failed_try = st.last_try
+    finally:
+        rt.sb.start_node("node3")
+        rt.start_worker("node3")
+    wait_for(lambda: rt.synced_after("3003-0", good), RETRY + 40, "the retry to succeed")
+    st = rt.state("3003-0")
+    assert st.last_try >= failed_try + RETRY - 1 and st.error is None and st.fail_count == 0
+    assert rt.checksum("node1", 3003) == rt.checksum("node3", 3003)
+    # Recovered: the calendar schedule applies again.
+    assert rt.store.next_sync("3003-0") == pytest.approx(
+        next_event_epoch("*/15", st.last_try, rt.store.get_settings()["timezone"]))
+
+
+def _sends(dataset: str) -> list[int]:
+    """PIDs of `zfs send` processes of `dataset` on this machine (all nodes share the PID space)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            # zfs-fuse splits `dataset@snap` in place in its argv: match either spelling.
+            if len(argv) > 2 and argv[0].endswith(b"zfs") and argv[1] == b"send" and \
+                    any(a == dataset.encode() or a.startswith(dataset.encode() + b"@") for a in argv):
+                out.append(int(entry))
+    return out
+
+
+def test_worker_killed_mid_transfer_never_runs_twice_and_recovers(rt: Runtime) -> None:
+    ds = rt.guest(3004, "node2", mb=30)
+    peak = {"sends": 0}
+    stop = threading.Event()
+
+    def monitor() -> None:
+        while not stop.is_set():
+            peak["sends"] = max(peak["sends"], len(_sends(ds)))
+            time.sleep(0.1)
+
+    mon = threading.Thread(target=monitor, daemon=True)
+    mon.start()
+    try:
+        rt.store.create_job(Job(id="3004-0", target="node1", schedule="*/15", rate=3))
+        wait_for(lambda: (rt.state("3004-0").progress or {}).get("bytes", 0) > 3_000_000, 40, "the transfer")
+        first = rt.state("3004-0")
+        victim = rt.workers["node2"]
+        os.kill(victim.pid, signal.SIGKILL)  # the pool processes follow (PDEATHSIG), zfs send gets EPIPE
+        victim.wait(10)
+        wait_for(lambda: not _sends(ds), 20, "the orphaned zfs send to end")
+        rt.start_worker("node2")
+        # A redelivered or manual message while the dead run's lock is still alive: refused, not run.
+        app = make_app(rt.sb.redis_url)
+        try:
+            tid = new_task_id("3004-0")
+            enqueue(app, TASK_REPLICATE, "3004-0", "node2", tid, force=True)
+            res = app.AsyncResult(tid).get(timeout=30)
+        finally:
+            app.close()
+        assert res["status"] == "running", res
+        # The beat's sweep sees the attempt with nobody behind it: a failure, retried after retry_interval.
+        wait_for(lambda: rt.state("3004-0").fail_count == 1, 60, "the interrupted run to be recorded")
+        st = rt.state("3004-0")
+        assert "interrupted" in (st.error or "") and st.last_try == first.last_try
+        assert rt.store.next_sync("3004-0") == pytest.approx(st.last_try + RETRY)
+        wait_for(lambda: rt.synced_after("3004-0", 0), RETRY + 60, "the retry to succeed")
+    finally:
+        stop.set()
+        mon.join(5)
+    assert peak["sends"] == 1, peak
+    assert rt.checksum("node2", 3004) == rt.checksum("node1", 3004)
+    log = rt.store.read_log("3004-0")
+    assert sum(line.endswith("start replication job") for line in log) == 1 and log[-1].endswith("end replication job")
+
+
+def test_redis_restart_services_reconnect_nothing_lost(rt: Runtime) -> None:
+    rt.guest(3005, "node3")
+    rt.store.create_job(Job(id="3005-0", target="node1", schedule="*/15"))
+    wait_for(lambda: rt.synced_after("3005-0", 0), 40, "the first sync")
+    before = {job.id: (st.last_sync, st.fail_count) for job, st, _ in rt.store.jobs_with_state()}
+    rec = rt.sb.state["redis"]["proc"]
+    os.kill(rec["pid"], signal.SIGTERM)  # AOF on: a clean restart keeps everything
+    wait_for(lambda: not process_alive(rec), 20, "redis to stop")
+    time.sleep(3)  # services see the connection drop
+    rt.sb._start_redis()  # same port, same AOF directory
+    after = {job.id: (st.last_sync, st.fail_count) for job, st, _ in rt.store.jobs_with_state()}
+    assert after == before
+    t = time.time()
+    r = rt.replq("schedule-now", "3005-0")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: rt.synced_after("3005-0", before["3005-0"][0]), 60, "a run after the restart")
+    assert rt.state("3005-0").last_try >= int(t)
+    assert all(p.poll() is None for p in [rt.beat, *rt.workers.values()])
