@@ -175,3 +175,48 @@ def test_environment_fallback(store: Store, tmp_path: Path, monkeypatch: pytest.
     store.update_state("100-0", fail_count=0)
     assert fail_once(store, "100-0", "x") == ["command"]
     assert len(out.read_text().splitlines()) == 4
+
+
+def test_real_worker_calls_the_hook_on_failure(redis_url: str, tmp_path: Path) -> None:
+    """End to end: a real `replq worker` runs a job whose target is unreachable; the hook in the
+    worker's environment gets the failure."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from replq import app as appmod
+    from tests.redisproc import free_port
+
+    store = Store.from_url(redis_url)
+    store.add_node(Node("nt1", "127.0.0.1"))
+    store.add_node(Node("nt2", f"127.0.0.1:{free_port()}"))  # nothing listens there
+    store.add_storage(Storage("local-zfs", "rpool/data"))
+    store.add_guest(Guest(300, "nt1", "lxc", [Disk("local-zfs:subvol-300-disk-0")]))
+    store.create_job(Job("300-0", "nt2"))  # no beat runs here: only this enqueue runs it
+    out = tmp_path / "calls.jsonl"
+    script = tmp_path / "hook.py"
+    script.write_text(HOOK)
+    env = {**os.environ, "REPLQ_NOTIFY_COMMAND": f"{sys.executable} {script} {out}"}
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "replq", "worker", "--node", "nt1", "--concurrency", "1"],
+                                  env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    try:
+        app = appmod.make_app(redis_url)
+        appmod.enqueue(app, appmod.TASK_REPLICATE, "300-0", "nt1", appmod.new_task_id("300-0"), force=True)
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert out.exists(), (tmp_path / "worker.log").read_text()[-2000:]
+        call = json.loads(out.read_text().splitlines()[0])
+        state = store.get_state("300-0")
+        assert state.fail_count == 1 and state.error
+        assert call["REPLQ_JOB_ID"] == "300-0" and call["REPLQ_JOB_TARGET"] == "nt2"
+        assert call["REPLQ_FAIL_COUNT"] == "1" and call["REPLQ_ERROR"] == state.error
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
