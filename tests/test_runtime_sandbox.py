@@ -271,3 +271,51 @@ def test_redis_restart_services_reconnect_nothing_lost(rt: Runtime) -> None:
     wait_for(lambda: rt.synced_after("3005-0", before["3005-0"][0]), 60, "a run after the restart")
     assert rt.state("3005-0").last_try >= int(t)
     assert all(p.poll() is None for p in [rt.beat, *rt.workers.values()])
+
+
+def _start_slow_job(rt: Runtime, vmid: int, node: str, target: str) -> tuple[str, str]:
+    ds = rt.guest(vmid, node, mb=30)
+    job_id = f"{vmid}-0"
+    rt.store.create_job(Job(id=job_id, target=target, schedule="*/15", rate=2))
+    wait_for(lambda: (rt.state(job_id).progress or {}).get("bytes", 0) > 2_000_000, 40, "the transfer")
+    assert _sends(ds)
+    return job_id, ds
+
+
+def _assert_cancelled_cleanly(rt: Runtime, job_id: str, ds: str, node: str, target: str) -> None:
+    wait_for(lambda: not _sends(ds), 20, "zfs send to be killed")
+    wait_for(lambda: rt.state(job_id).fail_count == 1, 30, "the cancelled run to be recorded")
+    st = rt.state(job_id)
+    assert "cancelled" in (st.error or ""), st.error
+    assert not st.worker and not st.progress
+    # Full send cancelled: no partial volume on the target, no new snapshot left on the source.
+    assert rt.sb.exec(target, ["zfs", "list", "-H", ds], timeout=60).returncode != 0
+    snaps = rt.sh(node, f"zfs list -H -o name -t snapshot -r {ds} || true")
+    assert "__replicate_" not in snaps, snaps
+    rt.store.update_job(job_id, {"disable": True})  # keep the rest of the module quiet
+
+
+def test_revoke_with_terminate_kills_the_send_and_records_the_failure(rt: Runtime) -> None:
+    job_id, ds = _start_slow_job(rt, 3006, "node3", "node2")
+    app = make_app(rt.sb.redis_url)
+    try:
+        app.control.revoke(rt.state(job_id).task_id, terminate=True)
+    finally:
+        app.close()
+    _assert_cancelled_cleanly(rt, job_id, ds, "node3", "node2")
+    app = make_app(rt.sb.redis_url)
+    try:
+        assert dispatch._worker_alive(app, "node3")  # the worker replaced its pool process
+    finally:
+        app.close()
+
+
+def test_worker_sigterm_cancels_its_run_and_stops(rt: Runtime) -> None:
+    job_id, ds = _start_slow_job(rt, 3007, "node1", "node3")
+    w = rt.workers["node1"]
+    t0 = time.monotonic()
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(30) == 0
+    assert time.monotonic() - t0 < 20  # not the hour a warm shutdown would wait for the run
+    _assert_cancelled_cleanly(rt, job_id, ds, "node1", "node3")
+    rt.start_worker("node1")

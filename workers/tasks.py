@@ -119,9 +119,8 @@ def _kill_children_later(ctl: RunControl) -> None:
 def _on_cancel_signal(signum: int, _frame: Any) -> None:
     ctl = _current
     if ctl is None:
-        if signum == signal.SIGTERM:  # idle pool process asked to terminate: do so
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        if signum == signal.SIGTERM:  # between runs: terminate as billiard's own handler would
+            raise SystemExit(-(256 - signum))
         return
     if not ctl.cancel.is_set():
         ctl.reason = "task revoked" if signum == signal.SIGTERM else "worker stopping"
@@ -131,8 +130,9 @@ def _on_cancel_signal(signum: int, _frame: Any) -> None:
 
 
 @worker_process_init.connect
-def _install_cancel_handlers(**_: Any) -> None:
-    signal.signal(signal.SIGTERM, _on_cancel_signal)
+def _install_cancel_handler(**_: Any) -> None:
+    # SIGUSR2 is not among the signals billiard resets after this hook, so it stays ours; SIGTERM
+    # is billiard's (exit the pool process) except while a run is in progress (_run_guarded).
     signal.signal(CANCEL_SIGNAL, _on_cancel_signal)
 
 
@@ -211,6 +211,9 @@ def _run_guarded(task: Any, job_id: str, force: bool, body: Any) -> dict[str, An
         dispatch.clear_queued(store, job_id, task.request.id)
         return _result(job_id, "running", error=f"job {job_id} is already running (job lock held)")
     _current = ctl
+    # While the run is in progress, SIGTERM (revoke with terminate) cancels it cleanly instead of
+    # exiting mid-stream; afterwards the pool process exits as Celery expects of a terminated task.
+    previous = signal.signal(signal.SIGTERM, _on_cancel_signal)
     try:
         job, guest, early = _prologue(task, job_id, force)
         if early is not None:
@@ -218,9 +221,9 @@ def _run_guarded(task: Any, job_id: str, force: bool, body: Any) -> dict[str, An
         return body(store, _node(task.app), ctl, job)
     finally:
         _current = None
+        signal.signal(signal.SIGTERM, previous)
         lock.release()
-        if ctl.die_after:  # revoked with terminate: behave like a terminated pool process
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if ctl.die_after:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
