@@ -122,6 +122,12 @@ def test_flower_lists_replq_tasks_with_job_ids(redis_url: str, flower: str, tmp_
 
                 task = wait_for(received, 60, f"the worker to receive {job_id}")
                 assert job_id in task["args"] and task["worker"] == "replq@fl1", task
+        # The task list page shows the args column (the job id) next to the name.
+        page = urllib.request.Request(flower + "/tasks")
+        page.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
+        with urllib.request.urlopen(page, timeout=10) as r:
+            html = r.read().decode()
+        assert '<th data-column="name">' in html and '<th data-column="args">' in html
         assert request(flower + "/api/tasks", None)[0] == 401
         assert request(flower + "/api/tasks", (USER, "wrong"))[0] == 401
         assert request(flower + "/api/workers", (USER, PASSWORD))[0] == 200
