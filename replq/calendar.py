@@ -304,6 +304,8 @@ class _Parser:
             if r < 0:
                 r = 1 if m >= 0 else 0
             comps.append((n, m, r))
+        if field == "second" and (0, -1, 1) in comps:
+            return _EVERY_SECOND  # covers every other value; systemd prints such a list as '*'
         return _normalize_chain(comps, hi)
 
 
@@ -693,7 +695,7 @@ def _next_usec(ev: CalendarEvent, clock: _Clock, usec: int) -> int | None:
         return None
     usec = max(usec, -1)  # systemd counts from the epoch (usec_t is unsigned)
     nxt = _systemd_next_usec(ev, clock, usec)
-    if nxt == _LOOP:
+    if nxt == _LOOP or (isinstance(nxt, int) and nxt <= usec):  # never hand the scheduler a stuck answer
         return _wallclock_next_usec(ev, clock, usec)
     return nxt  # type: ignore[return-value]
 
@@ -966,7 +968,40 @@ def _job_limit_problem(ev: CalendarEvent) -> str | None:
     gap = max(gap, first + _CYCLE_DAYS - prev)
     if gap >= 8:  # 8 calendar days apart is more than 7 days whatever the times of day
         return f"leaves gaps of up to {gap} days between events (wall clock); a job must run at least every 7 days"
-    return None
+    return _year_end_gap(ev)
+
+
+def _year_end_gap(ev: CalendarEvent) -> str | None:
+    """systemd's arithmetic can skip the first days of January when a day repetition runs past
+    December 31 (`*-*/7`: Dec 29, then Jan 8). Walk the real events over every kind of year end."""
+    if not any(repeat and stop < 0 for _, stop, repeat in ev.day):
+        return None
+    clock = _clock(UTC)
+    worst: tuple[int, int, int] | None = None
+    for year in range(2001, 2029):
+        t = (_days_from_civil(year, 11, 20) * 86400 - 1) * _USEC
+        end = _days_from_civil(year + 1, 0, 25)
+        prev = -1
+        while True:
+            nxt = _next_usec(ev, clock, t)
+            if nxt is None:
+                break
+            day = nxt // _USEC // 86400
+            if prev >= 0 and (worst is None or day - prev > worst[0]):
+                worst = (day - prev, prev, day)
+            if day > end:
+                break
+            prev = day
+            t = ((day + 1) * 86400 - 1) * _USEC  # on to the next day with an event
+    if worst is None or worst[0] < 8:
+        return None
+    gap, a, b = worst
+    (ya, ma, da), (yb, mb, db) = _civil_from_days(a), _civil_from_days(b)
+    return (
+        f"leaves gaps of up to {gap} days between events (wall clock): the day repetition runs past December 31, "
+        f"so after {ya}-{ma + 1:02d}-{da:02d} the next event is {yb}-{mb + 1:02d}-{db:02d} (as with systemd); "
+        "a job must run at least every 7 days"
+    )
 
 
 def job_limit_problem(ev: CalendarEvent, tz: str | tzinfo | None = None) -> str | None:

@@ -389,6 +389,9 @@ def test_job_allows(expr: str) -> None:
         ("*-*-1..30", None),
         ("*-*-1..24", "up to 8 days"),
         ("*-2..12-*", "up to 32 days"),
+        ("*-*/7", "after 2001-12-29 the next event is 2002-01-08"),  # systemd skips Jan 1 here
+        ("*-*-1/10", "up to 10 days"),
+        ("*-*-1/6 12:00", None),  # ... 25, 31, then Jan 1: 31 is in the list
     ],
 )
 def test_job_limits(expr: str, words: str | None) -> None:
