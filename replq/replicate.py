@@ -454,6 +454,7 @@ class Replication:
         )
         stream: ssh.Stream | None = None
         sent = 0
+        t_stream = 0.0
         try:
             assert sender.stdout is not None
             with contextlib.suppress(OSError):
@@ -478,6 +479,7 @@ class Replication:
                 progress.update(sent)
                 if self.cancel is not None and self.cancel.is_set():
                     raise Cancelled("replication cancelled")
+            t_stream = time.monotonic() - t0  # the limiter's part; zfs recv may still be committing
             rc = sender.wait()
             if rc != 0 and not stream.chan.exit_status_ready():
                 errfile.seek(0)
@@ -508,7 +510,10 @@ class Replication:
         progress.current = 0
         result.bytes += sent
         rate = sent / dt / 1e6 if dt > 0 else 0.0
-        self.log(f"{vp.volume.volid}: sent {human(sent)} in {dt:.1f} s ({rate:.1f} MB/s)")
+        self.log(
+            f"{vp.volume.volid}: sent {human(sent)} ({sent} bytes) in {dt:.3f} s ({rate:.1f} MB/s; "
+            f"stream {t_stream:.3f} s, receive committed {dt - t_stream:.3f} s later)"
+        )
 
     def _target_error(self, vp: planner.VolumePlan, stderr: str) -> zfs.ZfsError:
         assert self.conn is not None
