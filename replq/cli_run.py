@@ -2,11 +2,12 @@
 
 `run --local` runs the job in this process, like `pvesr run --id`; it must be started on
 the node that holds the guest. `run --dry-run` prints the plan and changes nothing.
-Enqueueing to the node workers (`run` without --local) comes with the runtime.
+Without --local, `run` enqueues to the node workers and follows the job (replq.dispatch).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -64,8 +65,13 @@ def run_cmd(env: Env, job_id: str | None, local: bool, no_wait: bool, dry_run: b
         emit(plan, output_format, lambda: _plan_text(plan))
         return
     if not local:
-        fail("the replq runtime (beat and node workers) is not available yet: use 'replq run --id ID --local' "
-             "on the guest's node")  # fmt: skip
+        try:
+            from replq.dispatch import run_remote
+        except ImportError:
+            fail("the replq runtime (beat and node workers) is not available: use 'replq run --id ID --local' "
+                 "on the guest's node")  # fmt: skip
+        # Enqueue to the worker of the guest's node and follow it (the exit code is the job's result).
+        sys.exit(run_remote(store, [job_id] if job_id else None, wait=not no_wait, redis_url=env.redis_url))
     assert job_id is not None
     echo = (lambda line: click.echo(line, err=output_format != "text")) if verbose else None
     result = run_job(store, job_id, env.node, echo=echo)

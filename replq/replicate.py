@@ -285,12 +285,89 @@ class Replication:
     def run(self) -> RunResult:
         job, guest = self._load()
         self._check_node(job, guest)
+        if job.remove_job:
+            return self.remove()
         if job.disable:
             raise JobRefused(f"replication job '{self.job_id}' is disabled")
-        if job.remove_job:
-            raise JobRefused(f"replication job '{self.job_id}' is marked for removal")
         with self._guest_lock(guest.vmid):
             return self._locked_run(job, guest)
+
+    # ------------------------------------------------------------------ removal (SPEC §7)
+
+    def remove(self) -> RunResult:
+        """Clean up a job marked `remove_job`, then delete its config and state.
+
+        full: this job's snapshots on the source, and on the target every volume of the guest
+        that carries a snapshot of this job (foreign volumes are never touched); the target
+        must be reachable. local (`delete --keep`): the target volumes stay; this job's
+        snapshots are removed on the source and, if the target answers, on the target.
+        A failure is recorded like a failed run and retried after `retry_interval`.
+        """
+        job, guest = self._load()
+        self._check_node(job, guest)
+        if not job.remove_job:
+            raise JobRefused(f"replication job '{self.job_id}' is not marked for removal")
+        with self._guest_lock(guest.vmid):
+            t0 = time.monotonic()
+            start = int(self.clock())
+            self.store.clear_log(self.job_id)
+            self.store.update_state(self.job_id, last_try=start, last_node=self.node, worker=self.worker,
+                                    task_id=self.task_id)  # fmt: skip
+            self.log(f"start job removal ({job.remove_job})")
+            result = RunResult(job_id=self.job_id, ok=False, start=start, duration=0.0)
+            try:
+                self._remove(job, guest)
+            except Exception as exc:  # noqa: BLE001 - recorded, like a failed run
+                result.error = " ".join((str(exc) if isinstance(exc, ReplqError) else repr(exc)).split())
+                result.retryable = bool(getattr(exc, "retryable", False))
+                result.duration = round(time.monotonic() - t0, 3)
+                fails = int(self.store.get_state(self.job_id).fail_count or 0) + 1
+                self.store.update_state(self.job_id, fail_count=fails, error=result.error,
+                                        duration=result.duration, worker=None, task_id=None)  # fmt: skip
+                self.log(f"end job removal with error: {result.error}")
+                return result
+            finally:
+                self.close()
+            self.log("end job removal")
+            self.store.delete_job(self.job_id)
+            result.ok = True
+            result.duration = round(time.monotonic() - t0, 3)
+            return result
+
+    def _remove(self, job: Any, guest: Any) -> None:
+        state = self.store.get_state(self.job_id)
+        storages = {s.id: s for s in self.store.list_storages()}
+        sids = {d.storage for d in guest.disks if d.storage} | set(state.storeid_list or [])
+        pools = sorted({storages[s].pool for s in sids if s in storages and storages[s].type == "zfspool"})
+
+        def job_datasets(listing: dict) -> dict[str, list[str]]:
+            out = {}
+            for ds, snaps in listing.items():
+                names = [x.name for x in snaps if planner.is_job_snapshot(x.name, self.job_id)]
+                if names and planner.volname_vmid(ds.rsplit("/", 1)[-1]) == guest.vmid:
+                    out[ds] = names
+            return out
+
+        try:
+            remote = self._connect(job)
+            target = job_datasets(remote.list(pools))
+        except (ssh.NodeUnreachable, ssh.ConnectionLost):
+            if job.remove_job == "full":
+                raise
+            self.log(f"warning: target node '{job.target}' not reachable: its snapshots stay")
+            remote, target = None, {}
+        for ds, names in sorted(target.items()):
+            assert remote is not None
+            if job.remove_job == "full":
+                self.log(f"delete volume '{ds}' on {job.target}")
+                remote.destroy_dataset(ds)
+            else:
+                for name in names:
+                    self._cleanup(remote, ds, name, job.target)
+        for ds, names in sorted(job_datasets(self.local.list(pools)).items()):
+            for name in names:
+                self.local.destroy_snapshot(ds, name)
+                self.log(f"delete snapshot '{ds}@{name}' on {self.node}")
 
     def _locked_run(self, job: Any, guest: Any) -> RunResult:
         t0 = time.monotonic()
@@ -572,6 +649,11 @@ def _stop_sender(proc: subprocess.Popen, grace: float = 5.0) -> None:
 def run_job(store: Any, job_id: str, node: str, **kw: Any) -> RunResult:
     """Run job `job_id` on this node (`node` must hold the guest). Refusals before the run raise."""
     return Replication(store, job_id, node, **kw).run()
+
+
+def remove_job(store: Any, job_id: str, node: str, **kw: Any) -> RunResult:
+    """Clean up and delete job `job_id` marked remove_job (SPEC §7), on the guest's node."""
+    return Replication(store, job_id, node, **kw).remove()
 
 
 def plan_job(store: Any, job_id: str, node: str, **kw: Any) -> dict:

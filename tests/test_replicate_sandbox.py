@@ -205,8 +205,9 @@ def test_refused_off_the_guest_node(cluster: Cluster) -> None:
     r = cluster.replq("node3", "run", "--id", "203-0", "--local")
     assert r.returncode == 1 and "lives on node 'node1'" in r.stderr and "Traceback" not in r.stderr
     assert cluster.state("203-0").last_try == 0
+    # Without --local the job goes to the node's worker: none runs in this sandbox.
     r = cluster.replq("node1", "run", "--id", "203-0")
-    assert r.returncode == 1 and "runtime" in r.stderr
+    assert r.returncode == 1 and "no replq worker answers on node 'node1'" in r.stdout + r.stderr
 
 
 # ------------------------------------------------------------------------------------ faults
@@ -432,3 +433,32 @@ def test_target_pool_full_and_storage_missing(cluster: Cluster, small_pools: str
     cluster.run("208-0")
     assert cluster.state("208-0").fail_count == 0
     assert cluster.checksum("node1", ds, "/rpool/small") == cluster.checksum("node2", ds, "/rpool/small")
+
+
+# ------------------------------------------------------------------------------------ removal
+
+
+def test_remove_job_full_and_keep(cluster: Cluster) -> None:
+    (d1,) = cluster.guest(211, ["local-zfs:subvol-211-disk-0"], mb=1)
+    (d2,) = cluster.guest(212, ["local-zfs:subvol-212-disk-0"], mb=1)
+    foreign = "rpool/data/subvol-211-disk-9"  # same guest, no snapshot of the job: never touched
+    cluster.zfs("node2", "create", foreign)
+    cluster.job("211-0", "node2")
+    cluster.job("212-0", "node2")
+    cluster.run("211-0")
+    cluster.run("212-0")
+    assert cluster.exists("node2", d1) and cluster.exists("node2", d2)
+
+    cluster.store.mark_remove("211-0", "full")
+    cluster.run("211-0")
+    assert not cluster.exists("node2", d1) and cluster.exists("node2", foreign)
+    assert cluster.job_snapshots("node1", d1, "211-0") == []
+    assert cluster.exists("node1", d1)  # the guest's own volume stays
+    assert "211-0" not in cluster.store.job_ids()
+
+    cluster.store.mark_remove("212-0", "local")
+    before = cluster.checksum("node2", d2)
+    cluster.run("212-0")
+    assert cluster.exists("node2", d2) and cluster.checksum("node2", d2) == before
+    assert cluster.job_snapshots("node2", d2, "212-0") == [] and cluster.job_snapshots("node1", d2, "212-0") == []
+    assert "212-0" not in cluster.store.job_ids()
