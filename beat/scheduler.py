@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from celery._state import _set_task_join_will_block
 from celery.beat import Scheduler
 
 from replq import dispatch
@@ -63,6 +64,9 @@ class BeatCore:
     """One tick of scheduling, without Celery's loop or the HA lock (the benchmark calls it directly)."""
 
     def __init__(self, store: Any, app: Any, max_per_tick: int = MAX_PER_TICK) -> None:
+        # The scheduler never waits for a result: tell Celery so, or its Redis result backend
+        # SUBSCRIBEs and UNSUBSCRIBEs to every task it sends (two round trips per job).
+        _set_task_join_will_block(True)
         self.store = store
         self.app = app
         self.max_per_tick = max_per_tick

@@ -51,7 +51,8 @@ def make_app(redis_url: str | None = None, node: str | None = None) -> Celery:
         "socket_keepalive": True,
         "socket_connect_timeout": 10,
         "health_check_interval": 10,
-        "retry_on_timeout": True,
+        # No retry_on_timeout: kombu then publishes a whole tick's messages in one pipeline, which
+        # it does only where a timed-out pipeline is never replayed (no duplicate messages).
     }
     app.conf.update(
         task_acks_late=False,
@@ -104,6 +105,11 @@ def enqueue(app: Celery, task: str, job_id: str, node: str, task_id: str, force:
         args=[job_id],
         kwargs=kwargs,
         queue=queue_name(node),
+        # The default (anonymous) exchange puts the message straight on the queue's Redis list;
+        # through the queue's direct exchange kombu would first read its bindings (a round trip
+        # per message).
+        exchange="",
+        routing_key=queue_name(node),
         task_id=task_id,
         expires=ENQUEUE_EXPIRES,
         shadow=f"{task} {job_id}",  # Flower's task list shows the job id in the name column

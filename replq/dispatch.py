@@ -144,14 +144,16 @@ class Enqueued:
 
 
 def enqueue_routes(store: Any, app: Any, routes: Iterable[Route], force: bool = False) -> list[Enqueued]:
-    """Claim and publish every route that is neither running nor queued. A claim whose message could
-    not be published is released again, so a broker failure never blocks a job for an hour."""
+    """Claim and publish every route that is neither running nor queued. All messages of a tick
+    (and their task-sent events) go to Redis in one pipeline (kombu's producer batch); if that
+    fails, the claims are released again, so a broker failure never blocks a job for an hour."""
     todo = [r for r in routes if r.node and not r.running and not r.queued]
     won = claim(store, [r.job_id for r in todo])
     out: list[Enqueued] = []
-    pending = dict(won)
+    if not won:
+        return out
     try:
-        with app.producer_or_acquire() as producer:
+        with app.producer_or_acquire() as producer, producer.batch(max_size=4 * len(won) + 16):
             for r in todo:
                 tid = won.get(r.job_id)
                 if tid is None:
@@ -159,14 +161,14 @@ def enqueue_routes(store: Any, app: Any, routes: Iterable[Route], force: bool = 
                 task = TASK_REMOVE if r.remove else TASK_REPLICATE
                 assert r.node is not None
                 enqueue(app, task, r.job_id, r.node, tid, force=force, producer=producer)
-                pending.pop(r.job_id)
                 out.append(Enqueued(r.job_id, r.node, tid, task))
-    finally:
-        for j, tid in pending.items():
+    except BaseException:
+        for j, tid in won.items():
             try:
                 clear_queued(store, j, tid)
             except redis.exceptions.RedisError:
                 pass  # expires by itself
+        raise
     return out
 
 
