@@ -118,7 +118,7 @@ class Connection:
         try:
             pkey = paramiko.PKey.from_path(self.key_path)
         except (OSError, paramiko.SSHException, ValueError) as exc:
-            raise NodeUnreachable(f"cannot load SSH key {self.key_path}: {exc}") from None
+            raise NodeUnreachable(f"cannot load the SSH key {self.key_path} to reach {self.where}: {exc}") from None
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as exc:
