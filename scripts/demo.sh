@@ -81,16 +81,24 @@ $R list
 # --- replication on schedule ----------------------------------------------------------------------
 # wait_synced [AFTER]: until every job has synced (after epoch AFTER) without error.
 wait_synced() {
-  local after=${1:-0} deadline=$((SECONDS + ${2:-240}))
+  local after=${1:-0} deadline=$((SECONDS + ${2:-240})) shown=0 rc
   while :; do
-    if $R status --output-format json | $PY -c '
+    rc=0
+    $R status --output-format json | $PY -c '
 import json, sys
 after = float(sys.argv[1])
 rows = json.load(sys.stdin)
-sys.exit(0 if rows and all((r["last_sync"] or 0) > after and not r["fail_count"] for r in rows) else 1)' "$after"
-    then
+if rows and all((r["last_sync"] or 0) > after and not r["fail_count"] for r in rows):
+    sys.exit(0)
+sys.exit(2 if any(r["state"] == "SYNCING" and r.get("progress") for r in rows) else 1)' "$after" || rc=$?
+    if [ $rc = 0 ]; then
       echo
       return 0
+    fi
+    if [ $rc = 2 ] && [ $shown = 0 ]; then
+      shown=1  # once: a run in progress, with its bytes, rate and ETA
+      echo
+      $R status
     fi
     if [ $SECONDS -ge $deadline ]; then
       echo
@@ -99,7 +107,7 @@ sys.exit(0 if rows and all((r["last_sync"] or 0) > after and not r["fail_count"]
       return 1
     fi
     printf '.'
-    sleep 3
+    sleep 2
   done
 }
 
