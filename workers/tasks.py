@@ -41,6 +41,7 @@ log = logging.getLogger("replq.worker")
 CANCEL_SIGNAL = signal.SIGUSR2  # main process → pool process: cancel the running job, keep the process
 KILL_AFTER = 10.0  # seconds a cancelled run gets to unwind before its child processes are killed
 GUEST_BUSY_DEFER = 15.0  # scheduler retry delay while another job of the guest runs
+UNEXPECTED_DEFER = 60.0  # ... and after a task crashed
 
 _stores: dict[str, Any] = {}
 
@@ -219,6 +220,13 @@ def _run_guarded(task: Any, job_id: str, force: bool, body: Any) -> dict[str, An
         if early is not None:
             return early
         return body(store, _node(task.app), ctl, job)
+    except Exception:
+        # Unexpected (a bug, Redis gone mid-run): Celery records the traceback; keep the scheduler
+        # from queueing the job again at once, which would repeat the failure every second.
+        if not force:
+            with contextlib.suppress(Exception):
+                dispatch.defer(store, job_id, task.request.id, UNEXPECTED_DEFER)
+        raise
     finally:
         _current = None
         signal.signal(signal.SIGTERM, previous)
@@ -230,7 +238,7 @@ def _run_guarded(task: Any, job_id: str, force: bool, body: Any) -> dict[str, An
 @shared_task(bind=True, name=TASK_REPLICATE)
 def replicate(self: Any, job_id: str, force: bool = False) -> dict[str, Any]:
     """Run replication job `job_id` on this node (the argument is the job id, shown in Flower)."""
-    from replq.replicate import GuestLocked, run_job
+    from replq.replicate import GuestLocked, log_line, run_job
 
     def body(store: Any, node: str, ctl: RunControl, job: Any) -> dict[str, Any]:
         if job.remove_job:
@@ -242,17 +250,32 @@ def replicate(self: Any, job_id: str, force: bool = False) -> dict[str, Any]:
             if not force:
                 dispatch.defer(store, job_id, self.request.id, GUEST_BUSY_DEFER)
             return _result(job_id, "guest-locked", error=str(exc))
-        except ReplqError as exc:  # refused before the run started: nothing was recorded
+        except ReplqError as exc:
+            # Refused before the run started (e.g. the guest now lives on the target). A manual run
+            # just reports it; a scheduled one records a failed attempt, so the job waits
+            # retry_interval in error state instead of being queued again every second.
+            if not force:
+                _record_refusal(store, job_id, node, str(exc), log_line)
+                _notify_failed(store, job_id)
             return _result(job_id, "refused", error=str(exc))
         if ctl.reason and not res.ok:
             with contextlib.suppress(Exception):
-                store.append_log(job_id, f"(cancelled: {ctl.reason})")
+                store.append_log(job_id, log_line(job_id, f"run cancelled: {ctl.reason}"))
         if not res.ok:
             _notify_failed(store, job_id)
         return _result(job_id, "ok" if res.ok else "failed", ok=res.ok, error=res.error, bytes=res.bytes,
                        duration=res.duration, start=res.start)
 
     return _run_guarded(self, job_id, force, body)
+
+
+def _record_refusal(store: Any, job_id: str, node: str, error: str, log_line: Any) -> None:
+    start = int(time.time())
+    fails = int(store.get_state(job_id).fail_count or 0) + 1
+    store.clear_log(job_id)
+    store.append_log(job_id, log_line(job_id, "start replication job", start))
+    store.append_log(job_id, log_line(job_id, f"end replication job with error: {error}"))
+    store.update_state(job_id, last_try=start, last_node=node, fail_count=fails, error=error)
 
 
 def _removal_impl() -> Any:
