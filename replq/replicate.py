@@ -414,6 +414,11 @@ class Replication:
             self.job_id, fail_count=0, error=None, duration=result.duration, bytes=result.bytes,
             storeid_list=storeids, worker=None, task_id=None,
         )  # fmt: skip
+        if job.source is None:
+            # First run: remember where the guest lived (a later difference means it was moved;
+            # the direction switch of SPEC §6 is migrate's business, so only an unset source is filled).
+            with contextlib.suppress(Exception):
+                self.store.update_job(self.job_id, {"source": self.node})
         self.log("end replication job")
         return result
 

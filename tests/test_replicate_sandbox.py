@@ -138,6 +138,7 @@ def test_full_then_incremental(cluster: Cluster) -> None:
     assert st.fail_count == 0 and st.error is None and st.last_sync > 0 and st.last_sync == st.last_try
     assert st.bytes > 20_000_000
     assert st.progress is None and st.worker is None
+    assert cluster.store.get_job("200-0").source == "node1"  # filled in by the first run
     assert cluster.checksum("node1", ds) == cluster.checksum("node2", ds)
     first = cluster.job_snapshots("node1", ds, "200-0")
     assert first == cluster.job_snapshots("node2", ds, "200-0") and len(first) == 1
