@@ -69,6 +69,9 @@ def make_app(redis_url: str | None = None, node: str | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         broker_heartbeat=0,
+        # Cancels only late-ack tasks on a broker connection loss; replq's are acked early, so a
+        # running job goes on through a Redis restart (setting it also silences Celery's warning).
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_track_started=True,
