@@ -26,7 +26,10 @@ import paramiko
 from replq.errors import ReplqError, ServiceError
 
 CONNECT_TIMEOUT = 15.0
-IO_TIMEOUT = 60.0  # no progress on a channel for this long: the peer is dead or stuck
+IO_TIMEOUT = 60.0  # no progress on a stream for this long: the peer is dead or stuck
+# A remote command may legitimately work in silence for long (destroying a big volume); a
+# dead peer is still caught sooner by TCP_USER_TIMEOUT and keepalives (the transport dies).
+COMMAND_TIMEOUT = 900.0
 KEEPALIVE = 10
 WINDOW_SIZE = 16 * 1024 * 1024
 MAX_PACKET = 32 * 1024
@@ -205,15 +208,16 @@ class Connection:
         from replq.zfs import remote_command
 
         chan = self._channel()
+        timeout = timeout or COMMAND_TIMEOUT
         try:
-            chan.settimeout(timeout or self.io_timeout)
+            chan.settimeout(timeout)
             chan.exec_command(remote_command(argv))
             if stdin:
                 _sendall(chan, memoryview(stdin))
             chan.shutdown_write()
             out = _drain(chan.recv, chan)
             err = _drain(chan.recv_stderr, chan)
-            rc = self._wait_status(chan, timeout or self.io_timeout)
+            rc = self._wait_status(chan, timeout)
             return CommandResult(rc, out.decode(errors="replace"), err.decode(errors="replace"))
         except TimeoutError:
             raise ConnectionLost(f"'{argv[0]} {argv[1] if len(argv) > 1 else ''}' on {self.where} timed out") from None

@@ -295,7 +295,7 @@ class LocalRunner:
     """zfs on this node."""
 
     node: str = "localhost"
-    timeout: float = 300.0
+    timeout: float = 900.0
 
     def run(self, argv: Sequence[str], timeout: float | None = None) -> Result:
         try:
@@ -356,7 +356,7 @@ class Zfs:
         roots = list(roots)
         if not roots:
             return {}
-        res = self.runner.run(list_argv(roots), timeout=120)
+        res = self.runner.run(list_argv(roots), timeout=600)
         if res.returncode != 0:
             bad = [line for line in res.stderr.splitlines() if line.strip() and "does not exist" not in line]
             if bad:
