@@ -30,7 +30,9 @@ from replq.context import ssh_key_path
 from replq.errors import ReplqError, ServiceError
 from replq.throttle import TokenBucket
 
-LOCK_TTL = 30.0  # a dead engine's guest lock expires this soon; a live one extends it
+# A dead engine's guest lock expires this soon; a live one extends it every third of it.
+# Tests shorten it (like the runtime's REPLQ_JOB_LOCK_TTL).
+LOCK_TTL = float(os.environ.get("REPLQ_GUEST_LOCK_TTL", "30"))
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
 PROGRESS_INTERVAL = 1.0

@@ -42,8 +42,11 @@ class Cluster:
         return self.sb.exec(node, [sys.executable, "-m", "replq", *args], env={"PYTHONPATH": REPO},
                             cwd=REPO, timeout=timeout)  # fmt: skip
 
-    def popen(self, node: str, *args: str) -> subprocess.Popen:
-        return self.sb.popen(node, [sys.executable, "-m", "replq", *args], env={"PYTHONPATH": REPO}, cwd=REPO,
+    def popen(self, node: str, *args: str, lock_ttl: float | None = None) -> subprocess.Popen:
+        env = {"PYTHONPATH": REPO}
+        if lock_ttl is not None:  # a killed engine's guest lock expires sooner
+            env["REPLQ_GUEST_LOCK_TTL"] = str(lock_ttl)
+        return self.sb.popen(node, [sys.executable, "-m", "replq", *args], env=env, cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
     def run(self, job_id: str, node: str = "node1", ok: bool = True) -> subprocess.CompletedProcess:
@@ -311,7 +314,7 @@ def test_zfs_send_killed_mid_stream(cluster: Cluster) -> None:
 def test_engine_killed_mid_stream(cluster: Cluster) -> None:
     """The whole sending process (`replq run`) SIGKILLed: its lock expires, the next run goes on."""
     ds, base, target_sum = _base_setup(cluster, 209, "node2", mb=30, rate=5)
-    proc = cluster.popen("node1", "run", "--id", "209-0", "--local")
+    proc = cluster.popen("node1", "run", "--id", "209-0", "--local", lock_ttl=6)
     _wait_progress(cluster, "209-0", 2_000_000)
     proc.send_signal(signal.SIGKILL)  # nsenter execs the engine: this pid is the engine itself
     proc.communicate(timeout=30)
