@@ -197,6 +197,8 @@ class Plan:
     volumes: list[VolumePlan]
     # Step 4: target datasets of this guest carrying this job's snapshots that are no longer wanted.
     remove_target_volumes: list[str] = field(default_factory=list)
+    # Step 8: this job's snapshots on source volumes no longer replicated (the volume itself stays).
+    cleanup_source_other: dict[str, list[str]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -301,12 +303,22 @@ def make_plan(
         raise NoCommonBase(no_base)
 
     wanted = {v.dataset for v in volumes}
-    remove = sorted(
-        ds
-        for ds, snaps in target.items()
-        if ds not in wanted
-        and "@" not in ds
-        and volname_vmid(ds.rsplit("/", 1)[-1]) == vmid
-        and any(is_job_snapshot(s.name, job_id) for s in snaps)
+
+    def unwanted(listing: Listing) -> dict[str, list[str]]:
+        # Datasets of this guest, no longer replicated, that still carry snapshots of this job.
+        out = {}
+        for ds, snaps in listing.items():
+            if ds in wanted or volname_vmid(ds.rsplit("/", 1)[-1]) != vmid:
+                continue
+            names = [s.name for s in snaps if is_job_snapshot(s.name, job_id)]
+            if names:
+                out[ds] = names
+        return out
+
+    return Plan(
+        job_id=job_id,
+        snapshot=new,
+        volumes=plans,
+        remove_target_volumes=sorted(unwanted(target)),
+        cleanup_source_other=unwanted(source),
     )
-    return Plan(job_id=job_id, snapshot=new, volumes=plans, remove_target_volumes=remove)

@@ -221,8 +221,9 @@ class Replication:
         old_pools = {
             storages[s].pool for s in (state.storeid_list or []) if s in storages and storages[s].type == "zfspool"
         }
-        target = self.remote.list(sorted(set(pools) | {p for p in old_pools if p}))
-        source = self.local.list(pools)
+        roots = sorted(set(pools) | {p for p in old_pools if p})
+        target = self.remote.list(roots)
+        source = self.local.list(roots)
         return source, target
 
     @contextlib.contextmanager
@@ -491,6 +492,9 @@ class Replication:
                 self._cleanup(self.local, vp.dataset, name, self.node)
             for name in vp.cleanup_target:
                 self._cleanup(remote, vp.dataset, name, job.target)
+        for ds, names in sorted(p.cleanup_source_other.items()):
+            for name in names:
+                self._cleanup(self.local, ds, name, self.node)
         progress.update(0, force=True)
         return sorted({v.storage for v in volumes})
 

@@ -196,8 +196,11 @@ def test_removed_or_unreplicated_volume_removed_on_target() -> None:
         other_job: [snap("100-10", 1000)],
         POOL: [],
     }
-    plan = make_plan("100-0", 100, 2000, 1000, [V0], {D0: [s1]}, target)
+    source = {D0: [s1], d2: [s1, Snapshot("mine", 5, 5)], foreign: [], other_guest: [snap("100-0", 1000)]}
+    plan = make_plan("100-0", 100, 2000, 1000, [V0], source, target)
     assert plan.remove_target_volumes == [d2]
+    # On the source the volume stays; only this job's snapshots on it go (after success).
+    assert plan.cleanup_source_other == {d2: [s1.name]}
 
 
 def test_source_volume_missing() -> None:

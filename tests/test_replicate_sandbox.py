@@ -466,3 +466,21 @@ def test_remove_job_full_and_keep(cluster: Cluster) -> None:
     assert cluster.exists("node2", d2) and cluster.checksum("node2", d2) == before
     assert cluster.job_snapshots("node2", d2, "212-0") == [] and cluster.job_snapshots("node1", d2, "212-0") == []
     assert "212-0" not in cluster.store.job_ids()
+
+
+def test_volume_no_longer_replicated_is_removed_on_target(cluster: Cluster) -> None:
+    d0, d1 = cluster.guest(213, ["local-zfs:subvol-213-disk-0", "local-zfs:subvol-213-disk-1"], mb=1)
+    cluster.job("213-0", "node2")
+    cluster.run("213-0")
+    assert cluster.exists("node2", d1)
+    # The store has no guest-update call yet: set disk-1 to replicate=0 in the guest's record.
+    disks = [{"volid": "local-zfs:subvol-213-disk-0", "replicate": True},
+             {"volid": "local-zfs:subvol-213-disk-1", "replicate": False}]  # fmt: skip
+    cluster.store.redis.hset(cluster.store.k("guest", 213), "disks", json.dumps(disks))
+    assert not cluster.store.get_guest(213).disks[1].replicate
+    time.sleep(1)
+    cluster.run("213-0")
+    assert not cluster.exists("node2", d1)  # the replica of the unreplicated disk is gone
+    assert cluster.exists("node1", d1) and cluster.job_snapshots("node1", d1, "213-0") == []  # source volume kept
+    assert len(cluster.job_snapshots("node2", d0, "213-0")) == 1
+    assert any(f"delete volume '{d1}' on node2" in line for line in cluster.store.read_log("213-0"))
