@@ -6,8 +6,10 @@ The engine always runs inside the guest's node (`replq run --id J --local` throu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +37,21 @@ class Cluster:
     def __init__(self, sb: Sandbox) -> None:
         self.sb = sb
         self.store = Store.from_url(sb.redis_url)
+        self.vmids: list[int] = []
+
+    def cleanup(self) -> None:
+        """Leave the shared sandbox as found: no jobs of ours for a later beat, no datasets."""
+        for vmid in self.vmids:
+            for job_id in self.store.job_ids(vmid):
+                self.store.delete_job(job_id)
+            with contextlib.suppress(Exception):
+                self.store.remove_guest(vmid)
+        for node in self.sb.node_names():
+            if self.sb.node_state(node) != "up":
+                continue
+            for ds in self.sh(node, f"zfs list -H -o name -r {POOL}", check=False).split():
+                if re.fullmatch(rf"{POOL}/subvol-2[0-9][0-9]-disk-[0-9]+", ds) and int(ds.split("-")[1]) in self.vmids:
+                    self.sb.exec(node, ["zfs", "destroy", "-r", ds], timeout=120)
 
     # --- engine -----------------------------------------------------------------------
     def replq(self, node: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -108,6 +125,7 @@ class Cluster:
                 self.write(node, ds, "data", mb, mount)
             datasets.append(ds)
         self.store.add_guest(Guest(vmid=vmid, node=node, type="lxc", disks=[Disk.parse(s) for s in disks]))
+        self.vmids.append(vmid)
         return datasets
 
     def job(self, job_id: str, target: str, rate: float | None = None) -> None:
@@ -119,7 +137,11 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(sandbox: Sandbox) -> Iterator[Cluster]:
-    yield Cluster(sandbox)
+    c = Cluster(sandbox)
+    try:
+        yield c
+    finally:
+        c.cleanup()
 
 
 # ------------------------------------------------------------------------------------ runs
