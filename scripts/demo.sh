@@ -13,28 +13,48 @@ PY=.venv/bin/python
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 # --- the cluster -------------------------------------------------------------------------------
-healthy() {
-  # Every node up and beat/flower/metrics running; otherwise start afresh.
+health() {
+  # Prints: ok | repair NODE... (nodes or services down) | bare (no services) | none
   $R sandbox status --output-format json 2>/dev/null | $PY -c '
 import json, sys
-st = json.load(sys.stdin)
-nodes_ok = st["nodes"] and all(n["state"] == "up" and "worker" in n["pids"] for n in st["nodes"])
-svc_ok = all(st["services"].get(s, {}).get("state") == "up" for s in ("beat", "flower", "metrics", "redis"))
-sys.exit(0 if nodes_ok and svc_ok else 1)' 2>/dev/null
+try:
+    st = json.load(sys.stdin)
+except ValueError:
+    print("none"); sys.exit()
+svc = st["services"]
+if svc.get("redis", {}).get("state") != "up" or not st["nodes"]:
+    print("none")
+elif "beat" not in svc:
+    print("bare")
+else:
+    down = [n["name"] for n in st["nodes"] if n["state"] != "up" or "worker" not in n["pids"]]
+    svc_ok = all(svc.get(s, {}).get("state") == "up" for s in ("beat", "flower", "metrics"))
+    print("ok" if not down and svc_ok else "repair " + " ".join(down or [st["nodes"][0]["name"]]))' 2>/dev/null \
+    || echo none
 }
 
 fresh=1
-if healthy; then
-  fresh=0
-  say "a sandbox is already running: showing it (make down, then make demo, to start afresh)"
-else
-  if $R sandbox status >/dev/null 2>&1; then
-    say "a sandbox exists but is not healthy: taking it down first"
-    $R sandbox down
-  fi
-  say "bringing up a 3-node sandbox cluster with beat, workers, Flower and metrics"
-  $R sandbox up --nodes 3
-fi
+read -r health nodes <<<"$(health)"
+case $health in
+  ok)
+    fresh=0
+    say "a sandbox is already running: showing it (make down, then make demo, to start afresh)" ;;
+  repair)
+    fresh=0
+    say "a sandbox is running with parts down: starting $nodes again (with their workers and any stopped service)"
+    for n in $nodes; do $R sandbox start "$n"; done ;;
+  bare)
+    echo "demo: a sandbox without services runs in $($R sandbox status --output-format json | $PY -c \
+      'import json, sys; print(json.load(sys.stdin)["dir"])'); take it down first (make down)" >&2
+    exit 1 ;;
+  *)
+    if $R sandbox status >/dev/null 2>&1; then
+      say "clearing away a stopped sandbox"
+      $R sandbox down
+    fi
+    say "bringing up a 3-node sandbox cluster with beat, workers, Flower and metrics"
+    $R sandbox up --nodes 3 ;;
+esac
 # Talk to this sandbox whatever REPLQ_REDIS_URL this shell had.
 eval "$($R sandbox env)"
 sandbox_dir=$REPLQ_SANDBOX_DIR
