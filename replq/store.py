@@ -653,8 +653,12 @@ class Store:
     def set_setting(self, key: str, value: Any, now: float | None = None) -> Any:
         """Set a cluster setting (validated) and recompute every job's next_sync."""
         value = check_setting(key, value)
-        self.redis.hset(self.k("settings"), key, json.dumps(value))
-        self.reindex_all(now)
+        if value is None:  # an empty value unsets an optional setting (e.g. turns a hook off)
+            self.redis.hdel(self.k("settings"), key)
+        else:
+            self.redis.hset(self.k("settings"), key, json.dumps(value))
+        if key in SCHEDULING_SETTINGS:
+            self.reindex_all(now)
         return value
 
     # ---- schedule index -----------------------------------------------------------------
@@ -763,7 +767,74 @@ def check_setting(key: str, value: Any) -> Any:
         except (ValueError, zoneinfo.ZoneInfoNotFoundError, OSError):
             raise ValidationError(f"timezone: unknown time zone '{show(tz)}'") from None
         return tz
-    raise ValidationError(f"unknown setting '{show(key)}' (known: retry_interval, timezone)")
+    if key in OPTIONAL_SETTINGS:
+        text = str(value)
+        if text.strip() == "":
+            return None
+        if len(text) > 4096 or any(ord(c) < 32 or ord(c) == 127 for c in text):
+            raise ValidationError(f"{key}: control characters or more than 4096 characters")
+        return OPTIONAL_SETTINGS[key](text)
+    known = ", ".join([*SCHEDULING_SETTINGS, *OPTIONAL_SETTINGS])
+    raise ValidationError(f"unknown setting '{show(key)}' (known: {known})")
+
+
+def _notify_command(text: str) -> str:
+    import shlex
+
+    try:
+        if not shlex.split(text):
+            raise ValueError
+    except ValueError:
+        raise ValidationError("notify_command: not a command line (unbalanced quotes?)") from None
+    return text
+
+
+def _notify_url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or " " in text:
+        raise ValidationError(f"notify_url: not an http(s) URL '{show(text)}'")
+    return text
+
+
+def _positive_int(key: str) -> Callable[[str], int]:
+    def check(text: str) -> int:
+        try:
+            v = int(text.strip())
+        except ValueError:
+            v = 0
+        if not 1 <= v <= 1_000_000:
+            raise ValidationError(f"{key}: must be an integer from 1 to 1000000")
+        return v
+
+    return check
+
+
+def _flower_user(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", text):
+        raise ValidationError("flower_user: 1-64 characters of letters, digits, _ . @ -")
+    return text
+
+
+def _flower_password(text: str) -> str:
+    if len(text) < 8 or ":" in text or " " in text:
+        raise ValidationError("flower_password: at least 8 characters, no ':' or spaces")
+    return text
+
+
+# Settings that change next_sync (changing one recomputes the schedule index) ...
+SCHEDULING_SETTINGS = ("retry_interval", "timezone")
+# ... and optional ones read by the services (empty value = unset).
+OPTIONAL_SETTINGS: dict[str, Callable[[str], Any]] = {
+    "notify_command": _notify_command,
+    "notify_url": _notify_url,
+    "notify_every": _positive_int("notify_every"),
+    "flower_user": _flower_user,
+    "flower_password": _flower_password,
+}
 
 
 __all__ = ["Store", "job_digest", "check_setting", "STATE_FIELDS", "DEFAULT_PREFIX"]
