@@ -24,8 +24,8 @@ def test_hook_settings_round_trip_and_unset(redis_url: str) -> None:
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("notify_url", "ftp://host/x", "not an http(s) URL"),
-    ("notify_url", "http://", "not an http(s) URL"),
+    ("notify_url", "ftp://host/x", r"not an http\(s\) URL"),
+    ("notify_url", "http://", r"not an http\(s\) URL"),
     ("notify_command", "echo 'unbalanced", "unbalanced quotes"),
     ("notify_command", "echo\nrm -rf /", "control characters"),
     ("notify_every", "0", "from 1 to 1000000"),
