@@ -62,6 +62,8 @@ def status(directory: Path | None, output_format: str) -> None:
         if st.get("flower"):
             f = st["flower"]
             lines.append(f"flower  {f['url']} user={f['user']} password={f['password']}")
+        if st.get("metrics"):
+            lines.append(f"metrics {st['metrics']['url']}")
         return "\n".join(lines)
 
     emit(st, output_format, text)

@@ -532,7 +532,8 @@ class Sandbox:
         services["redis"] = {"pid": redis_rec["pid"] if redis_rec else None,
                              "state": "up" if process_alive(redis_rec) else "down"}
         return {"dir": str(self.dir), "nodes": nodes, "services": services,
-                "redis_url": self.state.get("redis", {}).get("url"), "flower": self.state.get("flower")}
+                "redis_url": self.state.get("redis", {}).get("url"), "flower": self.state.get("flower"),
+                "metrics": self.state.get("metrics")}
 
     # helpers -----------------------------------------------------------------------------------
     @staticmethod
