@@ -17,6 +17,7 @@ import click
 
 from replq.cli import Env, cli, pass_env
 from replq.model import check_node_name
+from replq.store import redis_errors
 
 
 def _pool_children() -> list[int]:
@@ -41,6 +42,7 @@ def _pool_children() -> list[int]:
 @click.option("--loglevel", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True)
 @pass_env
+@redis_errors
 def worker_cmd(env: Env, node: str | None, concurrency: int, loglevel: str) -> None:
     """Run the node worker: consumes the queue replq.node.NODE and runs its jobs (prefork pool)."""
     import warnings
@@ -85,6 +87,7 @@ def worker_cmd(env: Env, node: str | None, concurrency: int, loglevel: str) -> N
 @click.option("--loglevel", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True)
 @pass_env
+@redis_errors
 def beat_cmd(env: Env, loglevel: str) -> None:
     """Run the scheduler: enqueue due jobs to their nodes (several may run; one is active)."""
     from replq.app import make_app

@@ -266,7 +266,7 @@ def follow(store: Any, app: Any, jobs: list[Followed], out: TextIO, poll: float 
             out.write("\r" + line.ljust(width))
             width = len(line)
             out.flush()
-        elif now - last_print >= 5:
+        elif now - last_print >= 2:  # a log, not a terminal: a line every 2 s
             print(line, file=out)
             last_print = now
         time.sleep(poll)

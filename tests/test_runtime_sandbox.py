@@ -7,6 +7,8 @@ every 3 s, retry_interval 60 s — the smallest the store accepts), so the modul
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import subprocess
@@ -208,14 +210,32 @@ def _sends(dataset: str) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "?"
+
+
+def _ppid(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[1])
+    except OSError:
+        return -1
+
+
 def test_worker_killed_mid_transfer_never_runs_twice_and_recovers(rt: Runtime) -> None:
     ds = rt.guest(3004, "node2", mb=30)
-    peak = {"sends": 0}
+    peak: dict[str, object] = {"sends": 0}
     stop = threading.Event()
 
     def monitor() -> None:
         while not stop.is_set():
-            peak["sends"] = max(peak["sends"], len(_sends(ds)))
+            pids = _sends(ds)
+            if len(pids) > peak["sends"]:
+                peak["sends"] = len(pids)
+                peak["seen"] = [(p, _cmdline(p), _ppid(p)) for p in pids]  # type: ignore[assignment]
             time.sleep(0.1)
 
     mon = threading.Thread(target=monitor, daemon=True)
@@ -247,7 +267,7 @@ def test_worker_killed_mid_transfer_never_runs_twice_and_recovers(rt: Runtime) -
     finally:
         stop.set()
         mon.join(5)
-    assert peak["sends"] == 1, peak
+    assert peak["sends"] == 1, peak  # with the pids, command lines and parents seen at the peak
     assert rt.checksum("node2", 3004) == rt.checksum("node1", 3004)
     log = rt.store.read_log("3004-0")
     assert sum(line.endswith("start replication job") for line in log) == 1 and log[-1].endswith("end replication job")
@@ -279,6 +299,12 @@ def _start_slow_job(rt: Runtime, vmid: int, node: str, target: str) -> tuple[str
     rt.store.create_job(Job(id=job_id, target=target, schedule="*/15", rate=2))
     wait_for(lambda: (rt.state(job_id).progress or {}).get("bytes", 0) > 2_000_000, 40, "the transfer")
     assert _sends(ds)
+    # `replq status` shows the running job as SYNCING with its progress.
+    r = rt.replq("status", "--guest", str(vmid), "--output-format", "json")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)[0]
+    assert row["state"] == "SYNCING" and row["progress"]["bytes"] > 0 and row["progress"]["total"], row
+    assert "SYNCING" in rt.replq("status", "--guest", str(vmid)).stdout
     return job_id, ds
 
 
@@ -319,3 +345,19 @@ def test_worker_sigterm_cancels_its_run_and_stops(rt: Runtime) -> None:
     assert time.monotonic() - t0 < 20  # not the hour a warm shutdown would wait for the run
     _assert_cancelled_cleanly(rt, job_id, ds, "node1", "node3")
     rt.start_worker("node1")
+
+
+def test_run_enqueues_to_the_guests_node_and_follows_it_to_the_end(rt: Runtime) -> None:
+    rt.guest(3008, "node2")
+    rt.store.create_job(Job(id="3008-0", target="node3", schedule="*/15", rate=2))
+    wait_for(lambda: rt.synced_after("3008-0", 0), 40, "the first sync")
+    first = rt.state("3008-0").last_sync
+    rt.sh("node2", f"head -c 12M /dev/urandom > {MOUNT}/subvol-3008-disk-0/more && sync")
+    out = io.StringIO()
+    code = dispatch.run_remote(rt.store, ["3008-0"], wait=True, out=out, redis_url=rt.sb.redis_url, poll=0.3)
+    text = out.getvalue()
+    assert code == 0, text
+    assert "3008-0: queued on node 'node2'" in text and "3008-0: OK (sent" in text
+    assert " MB/s" in text and " of " in text  # at least one progress line (the run takes ~6 s)
+    assert rt.state("3008-0").last_sync > first
+    assert rt.checksum("node2", 3008) == rt.checksum("node3", 3008)
