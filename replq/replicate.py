@@ -156,6 +156,7 @@ class Replication:
         self.key_path = key_path
         self.cancel = cancel
         self.clock = clock
+        self.switched: str | None = None  # set when this run switched the job's direction (SPEC §6)
         self.local = zfs.Zfs(zfs.LocalRunner(node=node), side="source")
         self.conn: ssh.Connection | None = None
         self.remote: zfs.Zfs | None = None
@@ -171,9 +172,16 @@ class Replication:
         if self.echo:
             self.echo(line)
 
-    def _load(self) -> tuple[Any, Any]:
+    def _load(self, persist: bool = True) -> tuple[Any, Any]:
         job = self.store.get_job(self.job_id)
         guest = self.store.get_guest(job.guest)
+        if guest.node == self.node:
+            # The guest was moved (guest move, HA) since the job's last run: switch its direction
+            # first, so the live volume is the source and the old node becomes the target (SPEC §6).
+            from replq.migrate import lazy_switch
+
+            job, note = lazy_switch(self.store, job, guest, persist=persist)
+            self.switched = note or self.switched  # run() loads again for a removal: keep the note
         return job, guest
 
     def _check_node(self, job: Any, guest: Any) -> None:
@@ -257,7 +265,7 @@ class Replication:
 
     def dry_run(self) -> dict:
         """The plan, with estimated sizes, without changing anything anywhere."""
-        job, guest = self._load()
+        job, guest = self._load(persist=False)
         self._check_node(job, guest)
         state = self.store.get_state(self.job_id)
         start = int(self.clock())
@@ -317,6 +325,8 @@ class Replication:
             self.store.update_state(self.job_id, last_try=start, last_node=self.node, worker=self.worker,
                                     task_id=self.task_id)  # fmt: skip
             self.log(f"start job removal ({job.remove_job})")
+            if self.switched:
+                self.log(self.switched)
             result = RunResult(job_id=self.job_id, ok=False, start=start, duration=0.0)
             try:
                 self._remove(job, guest)
@@ -381,6 +391,8 @@ class Replication:
             self.job_id, last_try=start, last_node=self.node, worker=self.worker, task_id=self.task_id
         )
         self.log("start replication job")
+        if self.switched:
+            self.log(self.switched)
         progress = Progress(publish=lambda p: self.store.set_progress(self.job_id, p))
         result = RunResult(job_id=self.job_id, ok=False, start=start, duration=0.0)
         try:
