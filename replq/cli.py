@@ -121,6 +121,7 @@ from replq import (  # noqa: E402,F401
     cli_calendar,
     cli_inventory,
     cli_jobs,
+    cli_migrate,
     cli_run,
     cli_runtime,
     cli_sandbox,
