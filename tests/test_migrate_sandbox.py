@@ -1,0 +1,358 @@
+"""Migration and guest recovery on the real sandbox cluster (SPEC §6): real zfs-fuse pools, sshd,
+Redis, and for the split-brain check a real `replq worker` inside node1.
+
+Every replq command runs inside a node (`sandbox exec`), where an operator would run it:
+`migrate` on the guest's node, `guest move` on the node taking the guest over. Guests are
+7xx so they never meet other modules' guests in the shared session sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from replq.model import Disk, Guest, Job
+from replq.plan import parse_snapshot_name
+from replq.sandbox import Sandbox
+from replq.store import Store
+
+pytestmark = pytest.mark.sandbox
+
+REPO = str(Path(__file__).resolve().parent.parent)
+POOL, MOUNT = "rpool/data", "/rpool/data"
+MiB = 1 << 20
+
+
+class Nodes:
+    """The session sandbox plus helpers: guests with random data, replq inside nodes, ZFS listings."""
+
+    def __init__(self, sb: Sandbox) -> None:
+        self.sb = sb
+        self.store = Store.from_url(sb.redis_url)
+        self.vmids: list[int] = []
+
+    def cleanup(self) -> None:
+        for vmid in self.vmids:
+            for job_id in self.store.job_ids(vmid):
+                with contextlib.suppress(Exception):
+                    self.store.delete_job(job_id)
+            with contextlib.suppress(Exception):
+                self.store.remove_guest(vmid)
+        for node in self.sb.node_names():
+            if self.sb.node_state(node) != "up":
+                continue
+            for ds in self.volumes(node):
+                self.sb.exec(node, ["zfs", "destroy", "-r", ds], timeout=120)
+
+    # --- replq -------------------------------------------------------------------------
+    def replq(self, node: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return self.sb.exec(node, [sys.executable, "-m", "replq", *args], env={"PYTHONPATH": REPO}, cwd=REPO,
+                            timeout=timeout)  # fmt: skip
+
+    def popen(self, node: str, *args: str) -> subprocess.Popen:
+        return self.sb.popen(node, [sys.executable, "-m", "replq", *args], env={"PYTHONPATH": REPO}, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def ok(self, node: str, *args: str) -> subprocess.CompletedProcess:
+        r = self.replq(node, *args)
+        assert r.returncode == 0, f"replq {' '.join(args)} on {node}: {r.stdout}{r.stderr}"
+        return r
+
+    def refused(self, node: str, *args: str) -> str:
+        r = self.replq(node, *args)
+        assert r.returncode == 1, f"expected a refusal: {r.stdout}{r.stderr}"
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        return r.stderr
+
+    def run(self, job_id: str, node: str) -> None:
+        r = self.replq(node, "run", "--id", job_id, "--local")
+        assert r.returncode == 0, f"{r.stderr}\n" + "\n".join(self.store.read_log(job_id))
+
+    # --- zfs ---------------------------------------------------------------------------
+    def sh(self, node: str, script: str, check: bool = True) -> str:
+        r = self.sb.exec(node, ["sh", "-c", script], timeout=120)
+        if check:
+            assert r.returncode == 0, f"{node}: {script}: {r.stderr}"
+        return r.stdout
+
+    def volumes(self, node: str, vmid: int | None = None) -> list[str]:
+        """Our datasets on the node (all 7xx guests, or one guest's), sorted."""
+        out = self.sh(node, f"zfs list -H -o name -r {POOL}", check=False).split()
+        pat = rf"{POOL}/subvol-{vmid if vmid else '7[0-9][0-9]'}-disk-[0-9]+"
+        return sorted(ds for ds in out if re.fullmatch(pat, ds))
+
+    def snapshots(self, node: str, dataset: str) -> list[str]:
+        r = self.sb.exec(node, ["zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", dataset], timeout=60)
+        return sorted(s.split("@", 1)[1] for s in r.stdout.split() if s.startswith(dataset + "@"))
+
+    def guids(self, node: str, dataset: str) -> dict[str, str]:
+        out = self.sh(node, f"zfs get -Hp -r -o name,value guid {dataset}")
+        return {n.split("@", 1)[1]: g for n, g in (line.split("\t") for line in out.splitlines()) if "@" in n}
+
+    def checksum(self, node: str, dataset: str) -> str:
+        out = self.sh(node, f"cd {MOUNT}/{dataset.rsplit('/', 1)[1]} && find . -type f | LC_ALL=C sort | "
+                            "xargs -r sha256sum")  # fmt: skip
+        assert out.strip()
+        return out
+
+    def write(self, node: str, dataset: str, name: str, mb: int) -> None:
+        self.sh(node, f"head -c {mb}M /dev/urandom > {MOUNT}/{dataset.rsplit('/', 1)[1]}/{name} && sync")
+
+    # --- store -------------------------------------------------------------------------
+    def guest(self, vmid: int, node: str, ndisks: int = 1, mb: int = 4, norep: int | None = None) -> list[str]:
+        """A guest with `ndisks` datasets of `mb` MiB random data; disk `norep` gets replicate=0."""
+        disks, datasets = [], []
+        for n in range(ndisks):
+            ds = f"{POOL}/subvol-{vmid}-disk-{n}"
+            self.sh(node, f"zfs create {ds}")
+            self.write(node, ds, "data", mb)
+            disks.append(Disk(f"local-zfs:subvol-{vmid}-disk-{n}", replicate=n != norep))
+            datasets.append(ds)
+        self.store.add_guest(Guest(vmid=vmid, node=node, disks=disks))
+        self.vmids.append(vmid)
+        return datasets
+
+    def job(self, job_id: str, target: str) -> None:
+        self.store.create_job(Job(id=job_id, target=target))
+
+    def job_snaps(self, node: str, dataset: str, job_id: str) -> list[str]:
+        return [s for s in self.snapshots(node, dataset) if (parse_snapshot_name(s) or ("",))[0] == job_id]
+
+
+@pytest.fixture(scope="module")
+def nodes(sandbox: Sandbox) -> Iterator[Nodes]:
+    n = Nodes(sandbox)
+    try:
+        yield n
+    finally:
+        n.cleanup()
+
+
+def snap(job_id: str, epoch: float) -> str:
+    return f"__replicate_{job_id}_{int(epoch)}__"
+
+
+# ------------------------------------------------------------------------------------ migrate
+
+
+def test_migrate_to_replication_target_sends_delta_and_switches(nodes: Nodes) -> None:
+    """The seed's example: VM on node1 replicating to node2; migrate to node2 → node2 ⇒ node1."""
+    (ds,) = nodes.guest(701, "node1", mb=8)
+    nodes.job("701-0", "node2")
+    nodes.run("701-0", "node1")
+    first = nodes.store.get_state("701-0").last_sync
+    nodes.write("node1", ds, "late", 2)  # written after the last sync: the delta
+    before = nodes.checksum("node1", ds)
+    time.sleep(1)
+
+    r = nodes.ok("node1", "migrate", "701", "node2", "--output-format", "json")
+    res = json.loads(r.stdout)
+    assert res["mode"] == "delta" and res["job"] == "701-0" and res["copied"] == [] and res["removed"] == []
+    assert 2 * MiB <= res["bytes"] < 4 * MiB, res  # only the delta, not the 10 MiB volume
+    assert res["switched"] == [{"id": "701-0", "target": "node1", "source": "node2"}]
+    assert nodes.store.get_guest(701).node == "node2"
+    job, st = nodes.store.get_job("701-0"), nodes.store.get_state("701-0")
+    assert (job.target, job.source) == ("node1", "node2")
+    assert st.last_sync > first and st.fail_count == 0  # the job state moved with the guest
+    assert nodes.checksum("node2", ds) == before == nodes.checksum("node1", ds)
+    # Both sides keep exactly the migration run's snapshot: the base of the reversed job.
+    assert nodes.snapshots("node1", ds) == nodes.snapshots("node2", ds) == [snap("701-0", st.last_sync)]
+    assert nodes.store.redis.sismember(nodes.store.k("nodetargets", "node1"), "701-0")
+    assert not nodes.store.redis.sismember(nodes.store.k("nodetargets", "node2"), "701-0")
+
+    # Now it replicates node2 → node1, incrementally: about the 3 MiB written on node2.
+    assert "lives on node 'node2'" in nodes.refused("node1", "run", "--id", "701-0", "--local")
+    nodes.write("node2", ds, "after", 3)
+    time.sleep(1)
+    nodes.run("701-0", "node2")
+    st2 = nodes.store.get_state("701-0")
+    assert 3 * MiB <= st2.bytes < 5 * MiB, st2.bytes
+    log = nodes.store.read_log("701-0")
+    assert any(f"incremental sync from {snap('701-0', st.last_sync)}" in line for line in log), log
+    assert nodes.checksum("node1", ds) == nodes.checksum("node2", ds)
+    assert nodes.snapshots("node1", ds) == nodes.snapshots("node2", ds) == [snap("701-0", st2.last_sync)]
+
+
+def test_migrate_without_job_copies_in_full_and_removes_the_source(nodes: Nodes) -> None:
+    """No job to node2: full copy (replicate=0 disk included), checked, then the source volumes go.
+    The guest's job to node3 goes on from node2, incrementally (the -R copy carried its snapshot)."""
+    d0, d1 = nodes.guest(702, "node1", ndisks=2, mb=3, norep=1)
+    nodes.job("702-0", "node3")
+    nodes.run("702-0", "node1")
+    base = snap("702-0", nodes.store.get_state("702-0").last_sync)
+    sums = {ds: nodes.checksum("node1", ds) for ds in (d0, d1)}
+    guids = nodes.guids("node1", d0)
+
+    r = nodes.ok("node1", "migrate", "702", "node2", "--output-format", "json")
+    res = json.loads(r.stdout)
+    assert res["mode"] == "full" and res["job"] is None
+    assert res["copied"] == [d0, d1] and res["removed"] == [d0, d1] and res["warnings"] == []
+    assert res["bytes"] >= 6 * MiB
+    assert res["switched"] == [{"id": "702-0", "target": "node3", "source": "node2"}]
+    assert nodes.store.get_guest(702).node == "node2"
+    assert nodes.volumes("node1", 702) == []  # source volumes gone
+    assert nodes.volumes("node2", 702) == [d0, d1]
+    for ds in (d0, d1):
+        assert nodes.checksum("node2", ds) == sums[ds]
+    # The replication snapshot arrived as itself (same guid); the migration snapshot is gone.
+    assert nodes.snapshots("node2", d0) == [base] and nodes.guids("node2", d0) == guids
+    assert nodes.snapshots("node2", d1) == []
+
+    nodes.write("node2", d0, "new", 1)
+    time.sleep(1)
+    nodes.run("702-0", "node2")
+    st = nodes.store.get_state("702-0")
+    assert st.bytes < 2 * MiB, st.bytes
+    assert any(f"incremental sync from {base}" in line for line in nodes.store.read_log("702-0"))
+    assert nodes.checksum("node2", d0) == nodes.checksum("node3", d0)
+    assert nodes.snapshots("node2", d0) == nodes.snapshots("node3", d0) == [snap("702-0", st.last_sync)]
+
+
+def test_migrate_refusals_change_nothing(nodes: Nodes) -> None:
+    (ds,) = nodes.guest(703, "node1", mb=1)
+    nodes.sh("node3", f"zfs create {ds}")  # a foreign volume of that name on node3
+    assert "run the migration there" in nodes.refused("node2", "migrate", "703", "node3")
+    assert "already lives on node 'node1'" in nodes.refused("node1", "migrate", "703", "node1")
+    err = nodes.refused("node1", "migrate", "703", "node3")
+    assert "already exist on node 'node3'" in err and "refusing to overwrite" in err
+    assert "no such cluster node 'node9'" in nodes.refused("node1", "migrate", "703", "node9")
+    assert nodes.store.get_guest(703).node == "node1"
+    assert nodes.volumes("node1", 703) == [ds] and nodes.snapshots("node1", ds) == []
+    assert nodes.snapshots("node3", ds) == []
+
+
+def _wait_progress(nodes: Nodes, job_id: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = nodes.store.get_state(job_id).progress
+        if p and p.get("bytes", 0) > MiB:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no progress for {job_id}: {nodes.store.read_log(job_id)}")
+
+
+def test_migrate_refused_while_a_replication_of_the_guest_runs(nodes: Nodes) -> None:
+    (ds,) = nodes.guest(704, "node1", mb=1)
+    nodes.job("704-0", "node2")
+    nodes.run("704-0", "node1")
+    nodes.write("node1", ds, "big", 20)
+    nodes.store.update_job("704-0", {"rate": 4})  # the next run takes ~5 s
+    time.sleep(1)
+    proc = nodes.popen("node1", "run", "--id", "704-0", "--local")
+    try:
+        _wait_progress(nodes, "704-0")
+        err = nodes.refused("node1", "migrate", "704", "node2")
+        assert "cannot migrate guest 704: replication job 704-0 is running" in err, err
+        assert nodes.store.get_guest(704).node == "node1"
+        out, errs = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out + errs
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    # The run was not disturbed; now the migration goes through, sending almost nothing.
+    nodes.store.update_job("704-0", delete=["rate"])
+    assert nodes.checksum("node1", ds) == nodes.checksum("node2", ds)
+    time.sleep(1)
+    res = json.loads(nodes.ok("node1", "migrate", "704", "node2", "--output-format", "json").stdout)
+    assert res["bytes"] < MiB and nodes.store.get_guest(704).node == "node2"
+    assert nodes.checksum("node1", ds) == nodes.checksum("node2", ds)
+
+
+# ------------------------------------------------------------------------------------ recovery
+
+
+def _start_worker(nodes: Nodes, node: str) -> subprocess.Popen:
+    from replq import dispatch
+    from replq.app import make_app
+
+    proc = nodes.sb.popen(node, [sys.executable, "-m", "replq", "worker", "--node", node, "--concurrency", "1"],
+                          env={"PYTHONPATH": REPO}, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    app = make_app(nodes.sb.redis_url)
+    try:
+        deadline = time.monotonic() + 40
+        while not dispatch._worker_alive(app, node, 1.0):
+            assert proc.poll() is None and time.monotonic() < deadline, "the worker did not answer"
+    finally:
+        app.close()
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # nsenter execs the worker: this PID is the worker itself
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_node_failure_guest_move_and_lazy_switch(nodes: Nodes) -> None:
+    """node1 fails; the guest is moved to node2 by hand (refused while node1 answers); once node1
+    is back the job replicates node2 → node1 from the newest common snapshot, even without state."""
+    (ds,) = nodes.guest(705, "node1", mb=6)
+    nodes.job("705-0", "node2")
+    nodes.run("705-0", "node1")
+    base = snap("705-0", nodes.store.get_state("705-0").last_sync)
+    synced = nodes.checksum("node1", ds)
+    nodes.write("node1", ds, "lost", 1)  # after the last sync: lost with node1, as the seed warns
+
+    worker = _start_worker(nodes, "node1")
+    try:
+        err = nodes.refused("node2", "guest", "move", "705", "--to", "node2")
+        assert "node 'node1' still answers (its replq worker 'replq@node1' answers a ping)" in err, err
+        assert "--force" in err
+    finally:
+        _stop(worker)
+    err = nodes.refused("node2", "guest", "move", "705", "--to", "node2")
+    assert "no worker answers, but its SSH server" in err, err
+    assert nodes.store.get_guest(705).node == "node1"
+    try:
+        nodes.sb.stop_node("node1")
+        r = nodes.ok("node2", "guest", "move", "705", "--to", "node2")
+        assert "guest 705 moved from node1 to node2" in r.stdout
+        assert "job 705-0: next run replicates node2 => node1" in r.stdout, r.stdout
+        assert nodes.store.get_guest(705).node == "node2"
+        assert nodes.checksum("node2", ds) == synced
+        nodes.write("node2", ds, "written-on-node2", 3)
+        keep = nodes.checksum("node2", ds)
+        # A run while node1 is still down: the direction switches, the run fails clearly.
+        r = nodes.replq("node2", "run", "--id", "705-0", "--local")
+        assert r.returncode == 1 and "unreachable" in r.stderr and "node1" in r.stderr, r.stderr
+        job = nodes.store.get_job("705-0")
+        assert (job.target, job.source) == ("node1", "node2")
+        assert nodes.snapshots("node2", ds) == [base]  # the common base was not touched
+    finally:
+        nodes.sb.start_node("node1")
+    # Even with its state lost (pvesr keeps it per node), the job finds the common base.
+    nodes.store.replace_states({"705-0": {}})
+    time.sleep(1)
+    nodes.run("705-0", "node2")
+    st = nodes.store.get_state("705-0")
+    assert st.fail_count == 0 and 3 * MiB <= st.bytes < 5 * MiB, st.bytes
+    log = nodes.store.read_log("705-0")
+    assert any(f"incremental sync from {base} (last_sync snapshot missing" in line for line in log), log
+    assert nodes.checksum("node2", ds) == keep == nodes.checksum("node1", ds)  # nothing of node2's lost
+    assert nodes.snapshots("node1", ds) == nodes.snapshots("node2", ds) == [snap("705-0", st.last_sync)]
+
+
+def test_guest_move_force(nodes: Nodes) -> None:
+    nodes.guest(706, "node3", mb=1)
+    err = nodes.refused("node2", "guest", "move", "706", "--to", "node2")
+    assert "node 'node3' still answers" in err
+    r = nodes.ok("node2", "guest", "move", "706", "--to", "node2", "--force", "--output-format", "json")
+    res = json.loads(r.stdout)
+    assert res["forced"] and res["source"] == "node3" and "SSH" in res["reason"]
+    assert nodes.store.get_guest(706).node == "node2"
+    assert "already lives on node 'node2'" in nodes.refused("node1", "guest", "move", "706", "--to", "node2")
