@@ -361,3 +361,15 @@ def test_run_enqueues_to_the_guests_node_and_follows_it_to_the_end(rt: Runtime) 
     assert " MB/s" in text and " of " in text  # at least one progress line (the run takes ~6 s)
     assert rt.state("3008-0").last_sync > first
     assert rt.checksum("node2", 3008) == rt.checksum("node3", 3008)
+
+
+def test_deleted_job_is_removed_by_its_worker(rt: Runtime) -> None:
+    ds = rt.guest(3009, "node3")
+    rt.store.create_job(Job(id="3009-0", target="node2", schedule="*/15"))
+    wait_for(lambda: rt.synced_after("3009-0", 0), 40, "the first sync")
+    assert rt.sb.exec("node2", ["zfs", "list", "-H", ds], timeout=60).returncode == 0
+    r = rt.replq("delete", "3009-0")  # remove_job=full: beat queues replq.remove_job to node3's worker
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: "3009-0" not in rt.store.job_ids(), 40, "the job to be removed")
+    assert rt.sb.exec("node2", ["zfs", "list", "-H", ds], timeout=60).returncode != 0  # replica gone
+    assert "__replicate_" not in rt.sh("node3", f"zfs list -H -o name -t snapshot -r {ds} || true")

@@ -279,17 +279,11 @@ def _record_refusal(store: Any, job_id: str, node: str, error: str, log_line: An
 
 
 def _removal_impl() -> Any:
-    """The cleanup of a job marked remove_job (SPEC §7) comes with job removal (issue 7):
-    `remove_job(store, job_id, node, **kw)` in replq.remove or replq.replicate."""
-    for mod, name in (("replq.remove", "remove_job"), ("replq.replicate", "remove_job"),
-                      ("replq.migrate", "remove_job")):
-        try:
-            fn = getattr(importlib.import_module(mod), name, None)
-        except ImportError:
-            continue
-        if fn is not None:
-            return fn
-    return None
+    """The engine's cleanup of a job marked remove_job (SPEC §7): replicate.remove_job(store, job_id,
+    node, **kw), which deletes the job when done; None with an engine that has none."""
+    from replq import replicate
+
+    return getattr(replicate, "remove_job", None)
 
 
 def _remove(task: Any, store: Any, node: str, ctl: RunControl, job_id: str, force: bool) -> dict[str, Any]:
