@@ -46,7 +46,7 @@ log = logging.getLogger("replq.beat")
 TICK = float(os.environ.get("REPLQ_BEAT_TICK", "1.0"))
 BEAT_LOCK_TTL = float(os.environ.get("REPLQ_BEAT_LOCK_TTL", "30"))
 SWEEP_INTERVAL = float(os.environ.get("REPLQ_SWEEP_INTERVAL", "30"))
-MAX_PER_TICK = 5000  # bounds one tick after a long outage; the rest follow in the next ticks
+PAGE = 2000  # due jobs per pipelined read and publish batch
 INTERRUPTED = "replication interrupted: worker {worker} stopped during the run (no heartbeat since its lock expired)"
 
 
@@ -63,7 +63,7 @@ class TickReport:
 class BeatCore:
     """One tick of scheduling, without Celery's loop or the HA lock (the benchmark calls it directly)."""
 
-    def __init__(self, store: Any, app: Any, max_per_tick: int = MAX_PER_TICK) -> None:
+    def __init__(self, store: Any, app: Any, max_per_tick: int = PAGE) -> None:
         # The scheduler never waits for a result: tell Celery so, or its Redis result backend
         # SUBSCRIBEs and UNSUBSCRIBEs to every task it sends (two round trips per job).
         _set_task_join_will_block(True)
@@ -74,10 +74,12 @@ class BeatCore:
     def tick(self, now: float | None = None) -> TickReport:
         t0 = time.perf_counter()
         now = time.time() if now is None else now
-        due = self.store.due_jobs(now, limit=self.max_per_tick)
+        due = self.store.due_jobs(now)
         rep = TickReport(due=len(due))
-        if due:
-            routes = dispatch.job_routes(self.store, due)
+        # All due jobs are looked at every tick (O(due)): a page limit would let a backlog of
+        # queued jobs for a dead node starve the jobs behind it. Pages bound one pipeline's size.
+        for i in range(0, len(due), self.max_per_tick):
+            routes = dispatch.job_routes(self.store, due[i : i + self.max_per_tick])
             for r in routes:
                 if r.node is None:
                     rep.unroutable += 1
@@ -85,9 +87,9 @@ class BeatCore:
                     rep.skipped_running += 1
                 elif r.queued:
                     rep.skipped_queued += 1
-            rep.enqueued = dispatch.enqueue_routes(self.store, self.app, routes)
-            for e in rep.enqueued:
-                log.info("job %s due: queued %s on node %s (task %s)", e.job_id, e.task, e.node, e.task_id)
+            rep.enqueued += dispatch.enqueue_routes(self.store, self.app, routes)
+        for e in rep.enqueued:
+            log.info("job %s due: queued %s on node %s (task %s)", e.job_id, e.task, e.node, e.task_id)
         rep.seconds = time.perf_counter() - t0
         return rep
 

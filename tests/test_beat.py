@@ -257,3 +257,13 @@ def test_two_beats_queue_each_job_once_and_standby_takes_over(env: tuple, redis_
     # The surviving beat stopped cleanly on SIGTERM and gave its lock back.
     assert procs[0].returncode in (0, -9) and procs[1].returncode in (0, -9)
     assert client.get(store.lock("beat", "active", 1).name) is None
+
+
+def test_a_backlog_of_queued_jobs_does_not_starve_the_others(env: tuple) -> None:
+    store, app, client = env
+    ids = make_cluster(store, guests=9)
+    core = BeatCore(store, app, max_per_tick=2)  # tiny pages: the backlog spans several
+    for j in ids[:6]:  # queued long ago, their node's worker is down
+        dispatch.claim(store, [j])
+    rep = core.tick()
+    assert sorted(e.job_id for e in rep.enqueued) == sorted(ids[6:]) and rep.skipped_queued == 6
