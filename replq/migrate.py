@@ -122,10 +122,12 @@ def commit_switch(store: Any, vmid: int, new: str, *, move_from: str | None = No
         final = {**jobs, **{after.id: after for _, after in changes}}
         if only is None:
             _check_targets(vmid, new, final)
-        else:  # the other jobs switch at their own runs: only ours must not collide
-            others = {j: x for j, x in final.items() if j not in only}
+        else:  # the other jobs switch at their own runs (one may still target `new`): ours must not collide
+            taken = {x.target: j for j, x in final.items() if j not in only}
             for _, after in changes:
-                _check_targets(vmid, new, {**others, after.id: after})
+                if after.target in taken:
+                    raise Conflict(f"cannot switch the direction of replication job '{after.id}': job "
+                                   f"'{taken[after.target]}' of guest {vmid} already targets node '{after.target}'")
         pipe.multi()
         if move_from is not None:
             pipe.hset(gkey, "node", json.dumps(new))
