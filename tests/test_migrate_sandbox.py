@@ -146,23 +146,27 @@ def snap(job_id: str, epoch: float) -> str:
 
 def test_migrate_to_replication_target_sends_delta_and_switches(nodes: Nodes) -> None:
     """The seed's example: VM on node1 replicating to node2; migrate to node2 → node2 ⇒ node1."""
-    (ds,) = nodes.guest(701, "node1", mb=8)
+    ds, norep = nodes.guest(701, "node1", ndisks=2, mb=8, norep=1)
     nodes.job("701-0", "node2")
     nodes.run("701-0", "node1")
     first = nodes.store.get_state("701-0").last_sync
     nodes.write("node1", ds, "late", 2)  # written after the last sync: the delta
-    before = nodes.checksum("node1", ds)
+    before, before_norep = nodes.checksum("node1", ds), nodes.checksum("node1", norep)
     time.sleep(1)
 
     r = nodes.ok("node1", "migrate", "701", "node2", "--output-format", "json")
     res = json.loads(r.stdout)
-    assert res["mode"] == "delta" and res["job"] == "701-0" and res["copied"] == [] and res["removed"] == []
-    assert 2 * MiB <= res["bytes"] < 4 * MiB, res  # only the delta, not the 10 MiB volume
+    assert res["mode"] == "delta" and res["job"] == "701-0"
+    # The replicate=0 disk is not replicated: it moves by a full copy, its source volume goes.
+    assert res["copied"] == [norep] and res["removed"] == [norep] and res["warnings"] == []
     assert res["switched"] == [{"id": "701-0", "target": "node1", "source": "node2"}]
     assert nodes.store.get_guest(701).node == "node2"
     job, st = nodes.store.get_job("701-0"), nodes.store.get_state("701-0")
     assert (job.target, job.source) == ("node1", "node2")
     assert st.last_sync > first and st.fail_count == 0  # the job state moved with the guest
+    assert 2 * MiB <= st.bytes < 4 * MiB, st.bytes  # the job sent only the delta, not the 10 MiB volume
+    assert nodes.volumes("node1", 701) == [ds] and nodes.volumes("node2", 701) == [ds, norep]
+    assert nodes.checksum("node2", norep) == before_norep and nodes.snapshots("node2", norep) == []
     assert nodes.checksum("node2", ds) == before == nodes.checksum("node1", ds)
     # Both sides keep exactly the migration run's snapshot: the base of the reversed job.
     assert nodes.snapshots("node1", ds) == nodes.snapshots("node2", ds) == [snap("701-0", st.last_sync)]
@@ -228,6 +232,25 @@ def test_migrate_refusals_change_nothing(nodes: Nodes) -> None:
     assert nodes.store.get_guest(703).node == "node1"
     assert nodes.volumes("node1", 703) == [ds] and nodes.snapshots("node1", ds) == []
     assert nodes.snapshots("node3", ds) == []
+
+
+def test_failed_full_copy_leaves_the_guest_where_it_was(nodes: Nodes) -> None:
+    """node3's pool runs out of space mid-copy: the partial copy is deleted, the guest stays."""
+    (ds,) = nodes.guest(707, "node1", mb=12)
+    before = nodes.checksum("node1", ds)
+    used = int(nodes.sh("node3", f"zfs get -Hp -o value used {POOL}"))
+    nodes.sh("node3", f"zfs set quota={used + 4 * MiB} {POOL}")
+    try:
+        err = nodes.refused("node1", "migrate", "707", "node3")
+    finally:
+        nodes.sh("node3", f"zfs set quota=none {POOL}")
+    assert "cannot migrate guest 707" in err and "the guest stays on node 'node1'" in err, err
+    assert nodes.store.get_guest(707).node == "node1"
+    assert nodes.volumes("node3", 707) == []  # no partial copy
+    assert nodes.snapshots("node1", ds) == [] and nodes.checksum("node1", ds) == before
+    # With the space back, the same migration goes through.
+    nodes.ok("node1", "migrate", "707", "node3")
+    assert nodes.volumes("node1", 707) == [] and nodes.checksum("node3", ds) == before
 
 
 def _wait_progress(nodes: Nodes, job_id: str, timeout: float = 60) -> None:
