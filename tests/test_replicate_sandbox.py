@@ -39,13 +39,17 @@ class Cluster:
         self.store = Store.from_url(sb.redis_url)
         self.vmids: list[int] = []
 
+    def forget(self, vmid: int) -> None:
+        """Drop a guest and its jobs from the store (its datasets stay)."""
+        for job_id in self.store.job_ids(vmid):
+            self.store.delete_job(job_id)
+        with contextlib.suppress(Exception):
+            self.store.remove_guest(vmid)
+
     def cleanup(self) -> None:
         """Leave the shared sandbox as found: no jobs of ours for a later beat, no datasets."""
         for vmid in self.vmids:
-            for job_id in self.store.job_ids(vmid):
-                self.store.delete_job(job_id)
-            with contextlib.suppress(Exception):
-                self.store.remove_guest(vmid)
+            self.forget(vmid)
         for node in self.sb.node_names():
             if self.sb.node_state(node) != "up":
                 continue
@@ -428,8 +432,18 @@ def small_pools(cluster: Cluster) -> Iterator[str]:
     try:
         yield "small-zfs"
     finally:
+        # Leave the shared sandbox as found: no guest or storage on the pool, no pool.
+        for g in cluster.store.list_guests():
+            if any(d.storage == "small-zfs" for d in g.disks):
+                cluster.forget(g.vmid)
+        cluster.store.remove_storage("small-zfs")
         for node, img in made:
-            cluster.sh(node, "zpool destroy -f small", check=False)
+            for _ in range(30):  # zfs-fuse: "pool is busy" for a moment after its files were used
+                r = cluster.sb.exec(node, ["zpool", "destroy", "-f", "small"], timeout=120)
+                if r.returncode == 0:
+                    break
+                time.sleep(0.5)
+            assert r.returncode == 0, f"{node}: zpool destroy small: {r.stderr}"
             img.unlink(missing_ok=True)
 
 
