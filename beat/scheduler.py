@@ -64,9 +64,6 @@ class BeatCore:
     """One tick of scheduling, without Celery's loop or the HA lock (the benchmark calls it directly)."""
 
     def __init__(self, store: Any, app: Any, max_per_tick: int = PAGE) -> None:
-        # The scheduler never waits for a result: tell Celery so, or its Redis result backend
-        # SUBSCRIBEs and UNSUBSCRIBEs to every task it sends (two round trips per job).
-        _set_task_join_will_block(True)
         self.store = store
         self.app = app
         self.max_per_tick = max_per_tick
@@ -92,6 +89,12 @@ class BeatCore:
             log.info("job %s due: queued %s on node %s (task %s)", e.job_id, e.task, e.node, e.task_id)
         rep.seconds = time.perf_counter() - t0
         return rep
+
+
+def no_result_waits() -> None:
+    """Declare that this process never waits for a task result (a beat process): otherwise Celery's
+    Redis result backend SUBSCRIBEs and UNSUBSCRIBEs to every task sent, two round trips per job."""
+    _set_task_join_will_block(True)
 
 
 class HALock:
@@ -203,6 +206,7 @@ class ReplqScheduler(Scheduler):
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
         from replq.store import Store
 
+        no_result_waits()
         self.store = Store.from_url(app.conf.get("replq_redis_url") or app.conf.broker_url)
         self.core = BeatCore(self.store, app)
         self.ha = HALock(self.store)

@@ -35,7 +35,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import redis  # noqa: E402
 
-from beat.scheduler import BeatCore, Sweeper  # noqa: E402
+from beat.scheduler import BeatCore, Sweeper, no_result_waits  # noqa: E402
 from replq import dispatch, schedule  # noqa: E402
 from replq.app import make_app, queue_name  # noqa: E402
 from replq.model import Disk, Guest, Job, Node, Storage  # noqa: E402
@@ -168,6 +168,7 @@ def main() -> int:
         print(f"store: {NODES} nodes, {len(ids)} jobs ({time.perf_counter() - t:.1f} s to create); "
               f"{DUE_PER_TICK} due per tick, {TICKS} ticks each")
         app = make_app(url)
+        no_result_waits()  # as in `replq beat`
         core = BeatCore(store, app)
         core.tick(0)  # connect the producer before measuring
         results = {
