@@ -145,10 +145,14 @@ def snap(job_id: str, epoch: float) -> str:
 
 
 def test_migrate_to_replication_target_sends_delta_and_switches(nodes: Nodes) -> None:
-    """The seed's example: VM on node1 replicating to node2; migrate to node2 → node2 ⇒ node1."""
+    """The seed's example: VM on node1 replicating to node2; migrate to node2 → node2 ⇒ node1.
+    Its second job (to node3) goes on from node2, incrementally."""
     ds, norep = nodes.guest(701, "node1", ndisks=2, mb=8, norep=1)
     nodes.job("701-0", "node2")
+    nodes.job("701-1", "node3")
     nodes.run("701-0", "node1")
+    nodes.run("701-1", "node1")
+    s1 = snap("701-1", nodes.store.get_state("701-1").last_sync)
     first = nodes.store.get_state("701-0").last_sync
     nodes.write("node1", ds, "late", 2)  # written after the last sync: the delta
     before, before_norep = nodes.checksum("node1", ds), nodes.checksum("node1", norep)
@@ -159,7 +163,8 @@ def test_migrate_to_replication_target_sends_delta_and_switches(nodes: Nodes) ->
     assert res["mode"] == "delta" and res["job"] == "701-0"
     # The replicate=0 disk is not replicated: it moves by a full copy, its source volume goes.
     assert res["copied"] == [norep] and res["removed"] == [norep] and res["warnings"] == []
-    assert res["switched"] == [{"id": "701-0", "target": "node1", "source": "node2"}]
+    assert res["switched"] == [{"id": "701-0", "target": "node1", "source": "node2"},
+                               {"id": "701-1", "target": "node3", "source": "node2"}]
     assert nodes.store.get_guest(701).node == "node2"
     job, st = nodes.store.get_job("701-0"), nodes.store.get_state("701-0")
     assert (job.target, job.source) == ("node1", "node2")
@@ -168,8 +173,9 @@ def test_migrate_to_replication_target_sends_delta_and_switches(nodes: Nodes) ->
     assert nodes.volumes("node1", 701) == [ds] and nodes.volumes("node2", 701) == [ds, norep]
     assert nodes.checksum("node2", norep) == before_norep and nodes.snapshots("node2", norep) == []
     assert nodes.checksum("node2", ds) == before == nodes.checksum("node1", ds)
-    # Both sides keep exactly the migration run's snapshot: the base of the reversed job.
-    assert nodes.snapshots("node1", ds) == nodes.snapshots("node2", ds) == [snap("701-0", st.last_sync)]
+    # Both sides keep exactly the migration run's snapshot (the base of the reversed job), and
+    # the delta carried 701-1's snapshot along (the base for 701-1 from node2).
+    assert nodes.snapshots("node1", ds) == nodes.snapshots("node2", ds) == sorted([snap("701-0", st.last_sync), s1])
     assert nodes.store.redis.sismember(nodes.store.k("nodetargets", "node1"), "701-0")
     assert not nodes.store.redis.sismember(nodes.store.k("nodetargets", "node2"), "701-0")
 
@@ -183,7 +189,15 @@ def test_migrate_to_replication_target_sends_delta_and_switches(nodes: Nodes) ->
     log = nodes.store.read_log("701-0")
     assert any(f"incremental sync from {snap('701-0', st.last_sync)}" in line for line in log), log
     assert nodes.checksum("node1", ds) == nodes.checksum("node2", ds)
-    assert nodes.snapshots("node1", ds) == nodes.snapshots("node2", ds) == [snap("701-0", st2.last_sync)]
+    new0 = [snap("701-0", st2.last_sync)]
+    assert nodes.job_snaps("node1", ds, "701-0") == nodes.job_snaps("node2", ds, "701-0") == new0
+    nodes.run("701-1", "node2")
+    st3 = nodes.store.get_state("701-1")
+    assert 5 * MiB <= st3.bytes < 7 * MiB, st3.bytes  # the 2 + 3 MiB written since s1, not the volume
+    assert any(f"incremental sync from {s1}" in line for line in nodes.store.read_log("701-1"))
+    assert nodes.checksum("node3", ds) == nodes.checksum("node2", ds)
+    new1 = [snap("701-1", st3.last_sync)]
+    assert nodes.job_snaps("node2", ds, "701-1") == nodes.job_snaps("node3", ds, "701-1") == new1
 
 
 def test_migrate_without_job_copies_in_full_and_removes_the_source(nodes: Nodes) -> None:
