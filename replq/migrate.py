@@ -235,17 +235,17 @@ class MigrateResult:
         return dict(self.__dict__)
 
 
-def _local_volumes(guest: Any, storages: dict[str, Any], target: str) -> list[planner.Volume]:
+def _local_volumes(guest: Any, storages: dict[str, Any], target: str, what: str = "migrate") -> list[planner.Volume]:
     """Every volume of the guest on local ZFS (replicate=0 included: it must move too)."""
     out = []
     for d in guest.disks:
         if d.is_path:
-            raise MigrationRefused(f"cannot migrate guest {guest.vmid}: local file/device '{d.volid}' cannot be copied")
+            raise MigrationRefused(f"cannot {what} guest {guest.vmid}: local file/device '{d.volid}' cannot be copied")
         st = storages.get(d.storage or "")
         if st is None or st.type != "zfspool":
             continue  # shared storage (or gone): nothing to copy
         if not st.available_on(target):
-            raise MigrationRefused(f"cannot migrate guest {guest.vmid}: storage '{st.id}' is not available on node "
+            raise MigrationRefused(f"cannot {what} guest {guest.vmid}: storage '{st.id}' is not available on node "
                                    f"'{target}'")  # fmt: skip
         out.append(planner.Volume(volid=d.volid, storage=st.id, pool=st.pool or "", volname=d.volname))
     return out
@@ -499,7 +499,7 @@ def guest_move(store: Any, vmid: int | str, to: str, force: bool = False, *, red
 def _check_replicas(store: Any, guest: Any, to: str, key_path: Any) -> None:
     """The guest can only start on `to` if its volumes are there (replicas of a job)."""
     storages = {s.id: s for s in store.list_storages()}
-    volumes = _local_volumes(guest, storages, to)
+    volumes = _local_volumes(guest, storages, to, "move")
     if not volumes:
         return
     try:

@@ -263,7 +263,8 @@ def test_failed_full_copy_leaves_the_guest_where_it_was(nodes: Nodes) -> None:
     assert nodes.volumes("node3", 707) == []  # no partial copy
     assert nodes.snapshots("node1", ds) == [] and nodes.checksum("node1", ds) == before
     # With the space back, the same migration goes through.
-    nodes.ok("node1", "migrate", "707", "node3")
+    r = nodes.ok("node1", "migrate", "707", "node3")
+    assert "guest 707 migrated from node1 to node3 (full copy, " in r.stdout, r.stdout
     assert nodes.volumes("node1", 707) == [] and nodes.checksum("node3", ds) == before
 
 
