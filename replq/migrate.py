@@ -168,6 +168,34 @@ def lazy_switch(store: Any, job: Job, guest: Any, persist: bool = True) -> tuple
     return after, note
 
 
+def held_bases(store: Any, vmid: int, job_id: str, listing: dict[str, Sequence[planner.Snapshot]]
+               ) -> dict[tuple[str, str], str]:  # fmt: skip
+    """Source snapshots that another job of the guest still needs as its base: {(dataset, name): job}.
+
+    After a move, a job that has not synced from this node yet (its last_sync snapshot is not
+    here) goes on from the newest replication snapshot here that is not newer than its last sync:
+    its target received that one with the last sync's -R stream. Deleting it (say, the first job
+    to run after the move cleaning up its previous snapshot) would leave that job without a common
+    base, so it is kept until the job has synced from here. One snapshot per such job and volume.
+    """
+    out: dict[tuple[str, str], str] = {}
+    for other in store.list_jobs(vmid):
+        if other.id == job_id or other.remove_job:
+            continue
+        last = int(store.get_state(other.id).last_sync or 0)
+        if not last:
+            continue
+        own = planner.snapshot_name(other.id, last)
+        for ds, snaps in listing.items():
+            if any(s.name == own for s in snaps):
+                continue  # synced from here: its own snapshot is its base
+            older = [s for s in snaps if s.replication is not None and s.creation <= last]
+            if older:
+                best = max(older, key=lambda s: (s.creation, (s.replication or ("", 0))[1]))
+                out[(ds, best.name)] = other.id
+    return out
+
+
 # ---------------------------------------------------------------------------------- locks
 
 
