@@ -499,8 +499,14 @@ class Replication:
             raise
         # 8. last_sync first: from here on the new snapshot is the base, whatever happens next
         self.store.update_state(self.job_id, last_sync=start)
+        from replq.migrate import held_bases
+
+        held = held_bases(self.store, guest.vmid, self.job_id, {vp.dataset: source[vp.dataset] for vp in p.volumes})
         for vp in p.volumes:
             for name in vp.cleanup_source:
+                if (vp.dataset, name) in held:  # another job's base after a move (SPEC §6)
+                    self.log(f"keep '{vp.dataset}@{name}' on {self.node}: base of job {held[(vp.dataset, name)]}")
+                    continue
                 self._cleanup(self.local, vp.dataset, name, self.node)
             for name in vp.cleanup_target:
                 self._cleanup(remote, vp.dataset, name, job.target)
