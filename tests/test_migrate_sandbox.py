@@ -394,3 +394,45 @@ def test_guest_move_force(nodes: Nodes) -> None:
     assert res["forced"] and res["source"] == "node3" and "SSH" in res["reason"]
     assert nodes.store.get_guest(706).node == "node2"
     assert "already lives on node 'node2'" in nodes.refused("node1", "guest", "move", "706", "--to", "node2")
+
+
+def test_after_failover_every_job_of_the_guest_keeps_a_common_base(nodes: Nodes) -> None:
+    """Jobs to node2 and node3; node1 fails after 708-1 synced later than 708-0. The guest moves to
+    node2; 708-0 runs first from there, and must not delete the one snapshot node2 shares with
+    node3 (708-1's base now): both jobs go on incrementally, all three copies end up identical."""
+    (ds,) = nodes.guest(708, "node1", mb=4)
+    nodes.job("708-0", "node2")
+    nodes.job("708-1", "node3")
+    nodes.run("708-0", "node1")
+    shared = snap("708-0", nodes.store.get_state("708-0").last_sync)
+    nodes.run("708-1", "node1")
+    nodes.write("node1", ds, "x", 1)
+    time.sleep(1)
+    nodes.run("708-1", "node1")  # node3 is newer than node2 now; only `shared` is on both
+    assert nodes.snapshots("node2", ds) == [shared] and shared in nodes.snapshots("node3", ds)
+    try:
+        nodes.sb.stop_node("node1")
+        nodes.ok("node2", "guest", "move", "708", "--to", "node2")
+    finally:
+        nodes.sb.start_node("node1")
+    nodes.write("node2", ds, "y", 2)
+    time.sleep(1)
+    nodes.run("708-0", "node2")
+    assert any(f"keep '{ds}@{shared}' on node2: base of job 708-1" in line for line in nodes.store.read_log("708-0"))
+    nodes.run("708-1", "node2")
+    st = nodes.store.get_state("708-1")
+    assert 2 * MiB <= st.bytes < 4 * MiB, st.bytes  # incremental from `shared`, not the volume
+    assert any(f"incremental sync from {shared}" in line for line in nodes.store.read_log("708-1"))
+    job1 = nodes.store.get_job("708-1")
+    assert (job1.target, job1.source) == ("node3", "node2")
+    # A second round from node2: the kept snapshot goes, each job keeps exactly its newest one.
+    nodes.write("node2", ds, "z", 1)
+    time.sleep(1)
+    nodes.run("708-0", "node2")
+    nodes.run("708-1", "node2")
+    new0 = snap("708-0", nodes.store.get_state("708-0").last_sync)
+    new1 = snap("708-1", nodes.store.get_state("708-1").last_sync)
+    assert nodes.snapshots("node2", ds) == sorted([new0, new1])
+    assert nodes.job_snaps("node1", ds, "708-0") == [new0] and nodes.job_snaps("node3", ds, "708-1") == [new1]
+    sums = {n: nodes.checksum(n, ds) for n in ("node1", "node2", "node3")}
+    assert sums["node1"] == sums["node2"] == sums["node3"] and "./y" in sums["node2"]
