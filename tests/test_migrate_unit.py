@@ -109,3 +109,20 @@ def test_guest_move_refused_while_the_guest_is_locked(store: Store, monkeypatch:
     finally:
         lock.release()
     assert store.get_guest(100).node == "pve1"
+
+
+def test_held_bases(store: Store) -> None:
+    from replq.migrate import held_bases
+    from replq.plan import Snapshot
+
+    ds = "rpool/data/subvol-100-disk-0"
+    store.update_state("100-1", last_sync=300)
+    a, b, c = (Snapshot("__replicate_100-0_100__", 1, 100), Snapshot("__replicate_100-0_200__", 2, 200),
+               Snapshot("__replicate_100-0_400__", 3, 400))  # fmt: skip
+    # 100-1 has not synced from this node (its snapshot is not here): the newest one before its last sync stays.
+    assert held_bases(store, 100, "100-0", {ds: [a, b, c]}) == {(ds, b.name): "100-1"}
+    # Once it has synced from here, nothing is held.
+    own = Snapshot("__replicate_100-1_300__", 9, 300)
+    assert held_bases(store, 100, "100-0", {ds: [a, b, own, c]}) == {}
+    store.mark_remove("100-1", "full")  # a job being removed needs no base
+    assert held_bases(store, 100, "100-0", {ds: [a, b, c]}) == {}
