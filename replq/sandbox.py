@@ -85,13 +85,14 @@ def _signal(rec: dict[str, int] | None, sig: int) -> None:
             pass
 
 
-def _reap() -> None:
-    """Collect exited children so they do not linger as zombies in a long-lived process."""
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+def _reap(recs: Iterable[dict[str, int]]) -> None:
+    """Collect our own exited children so they do not linger as zombies; only the sandbox's
+    PIDs, never waitpid(-1), which would steal other children's exit codes from the caller."""
+    for r in recs:
+        try:
+            os.waitpid(r["pid"], os.WNOHANG)
+        except ChildProcessError:
             pass
-    except ChildProcessError:
-        pass
 
 
 def stop_processes(recs: Iterable[dict[str, int] | None], timeout: float = 15.0) -> None:
@@ -101,13 +102,13 @@ def stop_processes(recs: Iterable[dict[str, int] | None], timeout: float = 15.0)
         _signal(r, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(process_alive(r) for r in recs):
-        _reap()
+        _reap(recs)
         time.sleep(0.1)
     for r in recs:
         _signal(r, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(process_alive(r) for r in recs):
-        _reap()
+        _reap(recs)
         time.sleep(0.05)
 
 
