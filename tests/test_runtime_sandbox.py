@@ -194,13 +194,18 @@ def test_error_state_retry_and_recovery(rt: Runtime) -> None:
         next_event_epoch("*/15", st.last_try, rt.store.get_settings()["timezone"]))
 
 
-def _sends(dataset: str) -> list[int]:
-    """PIDs of `zfs send` processes of `dataset` on this machine (all nodes share the PID space)."""
+def _sends(sb: Sandbox, node: str, dataset: str) -> list[int]:
+    """PIDs of `zfs send` processes of `dataset` inside `node` of this sandbox. Only that node's
+    mount namespace counts: other sandboxes on this machine (a CI run of these very tests) have
+    datasets of the same names, and all share the PID space."""
+    ns = os.readlink(f"/proc/{sb.node_info(node)['zfs']['pid']}/ns/mnt")
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                if os.readlink(f"/proc/{entry}/ns/mnt") != ns:
+                    continue
             except OSError:
                 continue
             # zfs-fuse splits `dataset@snap` in place in its argv: match either spelling.
@@ -225,17 +230,27 @@ def _ppid(pid: int) -> int:
         return -1
 
 
+def _ancestry(pid: int, depth: int = 4) -> list[tuple[int, str]]:
+    out = []
+    while pid > 1 and depth > 0:
+        out.append((pid, _cmdline(pid)[:80]))
+        pid, depth = _ppid(pid), depth - 1
+    return out
+
+
 def test_worker_killed_mid_transfer_never_runs_twice_and_recovers(rt: Runtime) -> None:
     ds = rt.guest(3004, "node2", mb=30)
     peak: dict[str, object] = {"sends": 0}
+    phase = ["first run"]
     stop = threading.Event()
 
     def monitor() -> None:
         while not stop.is_set():
-            pids = _sends(ds)
+            pids = _sends(rt.sb, "node2", ds)
             if len(pids) > peak["sends"]:
                 peak["sends"] = len(pids)
-                peak["seen"] = [(p, _cmdline(p), _ppid(p)) for p in pids]  # type: ignore[assignment]
+                peak["seen"] = [_ancestry(p) for p in pids]  # type: ignore[assignment]
+                peak["when"] = phase[0]
             time.sleep(0.1)
 
     mon = threading.Thread(target=monitor, daemon=True)
@@ -245,9 +260,10 @@ def test_worker_killed_mid_transfer_never_runs_twice_and_recovers(rt: Runtime) -
         wait_for(lambda: (rt.state("3004-0").progress or {}).get("bytes", 0) > 3_000_000, 40, "the transfer")
         first = rt.state("3004-0")
         victim = rt.workers["node2"]
+        phase[0] = f"after killing worker {victim.pid}"
         os.kill(victim.pid, signal.SIGKILL)  # the pool processes follow (PDEATHSIG), zfs send gets EPIPE
         victim.wait(10)
-        wait_for(lambda: not _sends(ds), 20, "the orphaned zfs send to end")
+        wait_for(lambda: not _sends(rt.sb, "node2", ds), 20, "the orphaned zfs send to end")
         rt.start_worker("node2")
         # A redelivered or manual message while the dead run's lock is still alive: refused, not run.
         app = make_app(rt.sb.redis_url)
@@ -263,6 +279,7 @@ def test_worker_killed_mid_transfer_never_runs_twice_and_recovers(rt: Runtime) -
         st = rt.state("3004-0")
         assert "interrupted" in (st.error or "") and st.last_try == first.last_try
         assert rt.store.next_sync("3004-0") == pytest.approx(st.last_try + RETRY)
+        phase[0] = "waiting for the retry"
         wait_for(lambda: rt.synced_after("3004-0", 0), RETRY + 60, "the retry to succeed")
     finally:
         stop.set()
@@ -298,7 +315,7 @@ def _start_slow_job(rt: Runtime, vmid: int, node: str, target: str) -> tuple[str
     job_id = f"{vmid}-0"
     rt.store.create_job(Job(id=job_id, target=target, schedule="*/15", rate=2))
     wait_for(lambda: (rt.state(job_id).progress or {}).get("bytes", 0) > 2_000_000, 40, "the transfer")
-    assert _sends(ds)
+    assert _sends(rt.sb, node, ds)
     # `replq status` shows the running job as SYNCING with its progress.
     r = rt.replq("status", "--guest", str(vmid), "--output-format", "json")
     assert r.returncode == 0, r.stderr
@@ -309,7 +326,7 @@ def _start_slow_job(rt: Runtime, vmid: int, node: str, target: str) -> tuple[str
 
 
 def _assert_cancelled_cleanly(rt: Runtime, job_id: str, ds: str, node: str, target: str) -> None:
-    wait_for(lambda: not _sends(ds), 20, "zfs send to be killed")
+    wait_for(lambda: not _sends(rt.sb, node, ds), 20, "zfs send to be killed")
     wait_for(lambda: rt.state(job_id).fail_count == 1, 30, "the cancelled run to be recorded")
     st = rt.state(job_id)
     assert "cancelled" in (st.error or ""), st.error
