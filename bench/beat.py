@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Run as `python bench/beat.py`: the repository, not bench/ (whose calendar.py would shadow the
-# standard library's), goes first on the path.
+# Run as `python bench/beat.py`: import replq from this checkout, not from another install.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import redis  # noqa: E402
