@@ -25,112 +25,42 @@ import redis.lock
 
 from replq.app import ENQUEUE_EXPIRES, TASK_REMOVE, TASK_REPLICATE, enqueue, new_task_id, worker_hostname
 from replq.errors import NotFound, ReplqError
-from replq.model import job_id_sort_key
+from replq.store import JobRoute
 
 # The worker extends its job lock every JOB_LOCK_TTL/3; a dead worker's lock is gone after
 # JOB_LOCK_TTL and the scheduler then sees the interrupted attempt. Tests shorten it.
 JOB_LOCK_TTL = float(os.environ.get("REPLQ_JOB_LOCK_TTL", "60"))
 # The marker outlives the message by a little, so a marker never expires while its message can still run.
 QUEUED_TTL = ENQUEUE_EXPIRES + 5
-QUEUED_SUFFIX = ".queued"
 
 
-# ---- store gaps -------------------------------------------------------------------------------
-# A tick needs, for every due job, its guest's node and whether it runs or is queued, in one
-# round trip (O(due) work, not O(due) round trips). The store has per-object getters only, so
-# this reads the job and guest hashes in a pipeline and decodes them with the store's own
-# decoders (Store._job/_guest); locks come from Store.lock. It belongs in store.py as
-# Store.job_routes(job_ids) (and lock_holder as Store.lock_holder) and lives here until then;
-# if the store's layout changes under it, it falls back to the per-object getters.
+# ---- locks and markers (kept in the store; these name them for the runtime) ---------------------
 
-@dataclass
-class Route:
-    job_id: str
-    node: str | None  # the node holding the guest (None: guest or job gone)
-    remove: str | None  # remove_job mode, if the job is being removed
-    running: bool  # the job lock or the guest lock is held
-    queued: bool  # a queued marker exists
+Route = JobRoute
 
 
 def job_routes(store: Any, job_ids: Sequence[str]) -> list[Route]:
     """For each job: where its guest lives, whether it is being removed, running or queued."""
-    if not job_ids:
-        return []
-    pipe = store.redis.pipeline(transaction=False)
-    for j in job_ids:
-        vmid = job_id_sort_key(j)[0]
-        pipe.hgetall(store.k("job", j))
-        pipe.hgetall(store.k("guest", vmid))
-        pipe.exists(job_lock(store, j).name, guest_lock_name(store, vmid))
-        pipe.exists(queued_marker(store, j).name)
-    res = pipe.execute()
-    out = []
-    for i, j in enumerate(job_ids):
-        jraw, graw, held, queued = res[4 * i : 4 * i + 4]
-        node = remove = None
-        if jraw and graw:
-            try:
-                job, guest = store._job(jraw), store._guest(graw)
-            except (KeyError, TypeError, ValueError):
-                job, guest = _get_job_guest(store, j)
-            if job is not None and guest is not None:
-                node, remove = guest.node, job.remove_job
-        out.append(Route(j, node, remove, held > 0, bool(queued)))
-    return out
+    return store.job_routes(job_ids)
 
-
-def _get_job_guest(store: Any, job_id: str) -> tuple[Any, Any]:
-    try:
-        job = store.get_job(job_id)
-        return job, store.get_guest(job.guest)
-    except NotFound:
-        return None, None
-
-
-def lock_holder(lock: redis.lock.Lock) -> str | None:
-    """The token a lock is held with (for the queued marker: the task id)."""
-    value = lock.redis.get(lock.name)
-    return value.decode() if isinstance(value, bytes) else value
-
-
-# ---- locks and markers ---------------------------------------------------------------------------
 
 def job_lock(store: Any, job_id: str, ttl: float = JOB_LOCK_TTL) -> redis.lock.Lock:
     return store.lock("job", job_id, ttl)
 
 
-def guest_lock_name(store: Any, vmid: int) -> str:
-    return store.lock("guest", vmid, 1).name
-
-
-def queued_marker(store: Any, job_id: str, ttl: float = QUEUED_TTL) -> redis.lock.Lock:
-    return store.lock("job", job_id + QUEUED_SUFFIX, ttl)
-
-
 def claim(store: Any, job_ids: Sequence[str], ttl: float = QUEUED_TTL) -> dict[str, str]:
     """Set the queued marker of each job that has none, in one round trip: {job_id: task_id} won."""
-    if not job_ids:
-        return {}
-    tids = {j: new_task_id(j) for j in job_ids}
-    pipe = store.redis.pipeline(transaction=False)
-    for j in job_ids:
-        pipe.set(queued_marker(store, j).name, tids[j], nx=True, px=int(ttl * 1000))
-    return {j: tids[j] for j, ok in zip(job_ids, pipe.execute(), strict=True) if ok}
+    return store.claim_queued({j: new_task_id(j) for j in job_ids}, ttl)
 
 
 def clear_queued(store: Any, job_id: str, task_id: str) -> bool:
     """Drop the job's queued marker if this task set it (a newer one belongs to another message)."""
-    marker = queued_marker(store, job_id)
-    try:
-        marker.do_release(marker.redis.get_encoder().encode(task_id))
-        return True
-    except redis.exceptions.LockError:
-        return False
+    return store.release_queued(job_id, task_id)
 
 
 def defer(store: Any, job_id: str, task_id: str, seconds: float) -> None:
     """Keep the scheduler off this job for `seconds` (guest busy, removal not possible yet)."""
-    store.redis.set(queued_marker(store, job_id).name, task_id, px=int(seconds * 1000))
+    store.defer_queued(job_id, task_id, seconds)
 
 
 # ---- enqueue -------------------------------------------------------------------------------------
@@ -225,13 +155,13 @@ def run_remote(store: Any, job_ids: Sequence[str] | None, wait: bool, out: TextI
             followed.append(Followed(r.job_id, r.node, st.task_id, time.time()))
             continue
         if r.queued:
-            tid = lock_holder(queued_marker(store, r.job_id))
+            tid = store.queued_token(r.job_id)
             print(f"{r.job_id}: already queued on node '{r.node}' (task {tid})", file=out)
             followed.append(Followed(r.job_id, r.node, tid, time.time()))
             continue
         done = enqueue_routes(store, app, [r], force=True)
         if not done:  # someone queued it between our read and our claim
-            tid = lock_holder(queued_marker(store, r.job_id))
+            tid = store.queued_token(r.job_id)
             print(f"{r.job_id}: already queued on node '{r.node}' (task {tid})", file=out)
             followed.append(Followed(r.job_id, r.node, tid, time.time()))
             continue
@@ -344,4 +274,4 @@ def _human(n: Any) -> str:
 
 
 __all__ = ["run_remote", "follow", "enqueue_routes", "job_routes", "claim", "clear_queued", "defer", "job_lock",
-           "queued_marker", "Route", "Enqueued", "JOB_LOCK_TTL"]
+           "Route", "Enqueued", "JOB_LOCK_TTL"]

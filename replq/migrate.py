@@ -20,7 +20,6 @@ switched job keeps its last_sync and continues from that snapshot.
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import tempfile
 import threading
@@ -32,8 +31,9 @@ from typing import Any
 from replq import plan as planner
 from replq import ssh, zfs
 from replq.context import ssh_key_path
-from replq.errors import Conflict, NotFound, ReplqError, ServiceError
+from replq.errors import Conflict, ReplqError, ServiceError
 from replq.model import Job, check_node_name, check_vmid, job_id_sort_key, trusted
+from replq.store import GuestChange
 
 CHUNK = 1 << 20
 MIGRATE_SNAPSHOT = "__migrate_{epoch}__"
@@ -84,32 +84,16 @@ def commit_switch(store: Any, vmid: int, new: str, *, move_from: str | None = No
     """Switch the direction of the guest's jobs (all, or `only` these) to source `new`, and with
     `move_from` move the guest record from that node to `new` in the same transaction.
 
-    Returns (before, after) of each job that changed. This is a store operation (WATCH/MULTI over
-    the guest, its job set and its jobs); it belongs in store.py as Store.switch_direction and
-    uses the store's key helpers and decoders until it moves there (like dispatch.job_routes).
+    Returns (before, after) of each job that changed. The decision is made here (pure, on what
+    the store read under WATCH); the store writes it atomically.
     """
-    gkey, jkey = store.k("guest", vmid), store.k("guestjobs", vmid)
 
-    def fn(pipe: Any) -> list[tuple[Job, Job]]:
-        graw = pipe.hgetall(gkey)
-        if not graw:
-            raise NotFound(f"guest '{vmid}' does not exist")
-        guest = store._guest(graw)
+    def decide(guest: Any, jobs: dict[str, Job]) -> GuestChange:
         if move_from is not None:
             if guest.node != move_from:
                 raise Conflict(f"guest {vmid} moved meanwhile: it lives on node '{guest.node}' now")
-            if not pipe.exists(store.k("node", new)):
-                raise NotFound(f"no such cluster node '{new}'")
         elif guest.node != new:
             raise Conflict(f"guest {vmid} lives on node '{guest.node}', not '{new}'")
-        ids = sorted(pipe.smembers(jkey), key=job_id_sort_key)
-        if ids:
-            pipe.watch(*[store.k("job", j) for j in ids])
-        jobs: dict[str, Job] = {}
-        for j in ids:
-            raw = pipe.hgetall(store.k("job", j))
-            if raw:
-                jobs[j] = store._job(raw)
         changes = []
         for j, job in jobs.items():
             if only is not None and j not in only:
@@ -128,21 +112,9 @@ def commit_switch(store: Any, vmid: int, new: str, *, move_from: str | None = No
                 if after.target in taken:
                     raise Conflict(f"cannot switch the direction of replication job '{after.id}': job "
                                    f"'{taken[after.target]}' of guest {vmid} already targets node '{after.target}'")
-        pipe.multi()
-        if move_from is not None:
-            pipe.hset(gkey, "node", json.dumps(new))
-            pipe.srem(store.k("nodeguests", move_from), vmid)
-            pipe.sadd(store.k("nodeguests", new), vmid)
-        for before, after in changes:
-            key = store.k("job", after.id)
-            pipe.hset(key, "cfg", json.dumps(after.config(), separators=(",", ":")))
-            if before.target != after.target:
-                pipe.srem(store.k("nodetargets", before.target), after.id)
-                pipe.sadd(store.k("nodetargets", after.target), after.id)
-            pipe.hincrby(key, "_rev", 1)  # a bulk reindex must not overwrite this write
-        return changes
+        return GuestChange(new if move_from is not None else None, [after for _, after in changes], changes)
 
-    return store._tx(fn, gkey, jkey)
+    return store.change_guest_and_jobs(vmid, decide)
 
 
 def lazy_switch(store: Any, job: Job, guest: Any, persist: bool = True) -> tuple[Job, str | None]:

@@ -32,6 +32,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -63,7 +64,7 @@ from replq.model import (
 )
 
 DEFAULT_PREFIX = "replq:"
-LOCK_KINDS = ("guest", "job", "beat", "migrate")
+LOCK_KINDS = ("guest", "job", "beat", "migrate", "queued")
 LOG_MAX_LINES = 10_000
 SETTINGS_DEFAULTS: dict[str, Any] = {"retry_interval": schedule.DEFAULT_RETRY_INTERVAL}
 REINDEX_CHUNK = 1000
@@ -112,6 +113,26 @@ READ_CHUNK = 2000
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class JobRoute:
+    """Where a job runs and whether it is busy, for the scheduler's tick."""
+
+    job_id: str
+    node: str | None  # the node holding the guest (None: guest or job gone)
+    remove: str | None  # remove_job mode, if the job is being removed
+    running: bool  # the job lock or the guest lock is held
+    queued: bool  # a queued marker exists
+
+
+@dataclass(frozen=True)
+class GuestChange:
+    """What a guest-wide change writes: the guest's new node (None: stays) and changed jobs."""
+
+    node: str | None
+    jobs: Sequence[Job]
+    result: Any = None
 
 
 def _enc(mapping: dict[str, Any]) -> dict[str, str]:
@@ -348,6 +369,42 @@ class Store:
             pipe.sadd(self.k("nodeguests", node), vmid)
 
         self._tx(fn, key, nkey)
+
+    def change_guest_and_jobs(self, vmid: int | str, decide: Callable[[Guest, dict[str, Job]], GuestChange]) -> Any:
+        """Read a guest and its jobs under WATCH, let the pure `decide(guest, jobs)` say what changes
+        (the guest's new node, changed jobs), and write all of it in one transaction (migration,
+        direction switch). Returns `decide`'s result value."""
+        vmid = check_vmid(vmid)
+        gkey, jkey = self.k("guest", vmid), self.k("guestjobs", vmid)
+
+        def fn(pipe: Any) -> Any:
+            raw = pipe.hgetall(gkey)
+            if not raw:
+                raise NotFound(f"guest '{vmid}' does not exist")
+            guest = self._guest(raw)
+            ids = sorted(pipe.smembers(jkey), key=job_id_sort_key)
+            if ids:
+                pipe.watch(*[self.k("job", j) for j in ids])
+            jobs = {j: self._job(r) for j in ids if (r := pipe.hgetall(self.k("job", j)))}
+            change = decide(guest, jobs)
+            move = change.node is not None and change.node != guest.node
+            if move and not pipe.exists(self.k("node", change.node)):
+                raise NotFound(f"no such cluster node '{change.node}'")
+            pipe.multi()
+            if move:
+                pipe.hset(gkey, "node", json.dumps(change.node))
+                pipe.srem(self.k("nodeguests", guest.node), vmid)
+                pipe.sadd(self.k("nodeguests", change.node), vmid)
+            for after in change.jobs:
+                before, key = jobs[after.id], self.k("job", after.id)
+                pipe.hset(key, "cfg", _json(after.config()))
+                if before.target != after.target:
+                    pipe.srem(self.k("nodetargets", before.target), after.id)
+                    pipe.sadd(self.k("nodetargets", after.target), after.id)
+                pipe.hincrby(key, "_rev", 1)  # a bulk reindex must not overwrite this write
+            return change.result
+
+        return self._tx(fn, gkey, jkey)
 
     def remove_guest(self, vmid: int | str, purge: bool = False, now: float | None = None) -> list[str]:
         """Remove a guest. Refused while it has jobs, unless purge: then every job is marked
@@ -725,6 +782,56 @@ class Store:
         return self.redis.zscore(self.k("sched"), job_id)
 
     # ---- locks --------------------------------------------------------------------------
+    # ---- routing and the queued marker (beat, `replq run`, workers) ---------------------
+    def job_routes(self, job_ids: Sequence[str]) -> list[JobRoute]:
+        """For each job, in one round trip: the node holding its guest, its remove_job mode,
+        whether its job or guest lock is held (running) and whether it is queued."""
+        if not job_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for j in job_ids:
+            vmid = job_id_sort_key(j)[0]
+            pipe.hget(self.k("job", j), "cfg")
+            pipe.hget(self.k("guest", vmid), "node")
+            pipe.exists(self.k("lock", "job", j), self.k("lock", "guest", vmid))
+            pipe.exists(self.k("lock", "queued", j))
+        res = pipe.execute()
+        out = []
+        for i, j in enumerate(job_ids):
+            cfg, node, held, queued = res[4 * i: 4 * i + 4]
+            if cfg and node:
+                out.append(JobRoute(j, json.loads(node), json.loads(cfg).get("remove_job"), held > 0, bool(queued)))
+            else:
+                out.append(JobRoute(j, None, None, held > 0, bool(queued)))
+        return out
+
+    def claim_queued(self, tokens: dict[str, str], ttl: float) -> dict[str, str]:
+        """Set the queued marker of each job that has none (token: its task id), in one round
+        trip; returns the {job_id: token} that won."""
+        if not tokens:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for j, token in tokens.items():
+            pipe.set(self.k("lock", "queued", j), token, nx=True, px=int(ttl * 1000))
+        return {j: t for (j, t), ok in zip(tokens.items(), pipe.execute(), strict=True) if ok}
+
+    def release_queued(self, job_id: str, token: str) -> bool:
+        """Drop the job's queued marker if `token` set it (a newer one belongs to another message)."""
+        marker = self.lock("queued", job_id, 1)
+        try:
+            marker.do_release(marker.redis.get_encoder().encode(token))
+            return True
+        except redis.exceptions.LockError:
+            return False
+
+    def defer_queued(self, job_id: str, token: str, seconds: float) -> None:
+        """Hold the queued marker for `seconds`: the scheduler leaves the job alone meanwhile."""
+        self.redis.set(self.k("lock", "queued", job_id), token, px=int(seconds * 1000))
+
+    def queued_token(self, job_id: str) -> str | None:
+        """The task id the job is queued with, if any."""
+        return self.redis.get(self.k("lock", "queued", job_id))
+
     def lock(self, kind: str, ident: str | int, ttl: float) -> redis.lock.Lock:
         """A non-reentrant Redis lock usable across threads (acquire(blocking=False), extend, release)."""
         if kind not in LOCK_KINDS:
