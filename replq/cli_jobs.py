@@ -28,7 +28,7 @@ from replq.model import (
     parse_job_id,
     show,
 )
-from replq.output import table
+from replq.output import progress_line, table
 from replq.store import job_digest, redis_errors
 
 
@@ -51,6 +51,14 @@ def state_text(state: JobState) -> str:
     if state.error:
         return " ".join(state.error.split())  # one table line
     return "OK"
+
+
+def state_cell(state: JobState) -> str:
+    """The text table's State: while a job runs, SYNCING with its progress (bytes, rate, ETA)."""
+    text = state_text(state)
+    if text == "SYNCING" and state.progress:
+        return f"SYNCING {progress_line(state.progress)}"
+    return text
 
 
 def status_row(job: Job, state: JobState, next_sync: float | None) -> dict[str, Any]:
@@ -208,7 +216,7 @@ def status(env: Env, guest: str | None, output_format: str) -> None:
     for job, state, ns in entries:
         nxt = "-" if ns is None else ("pending" if ns <= now else fmt_time(ns, tz))
         rows.append((job.id, "no" if job.disable else "yes", f"local/{job.target}", fmt_time(state.last_sync, tz), nxt,
-                     f"{state.duration:.2f}" if state.duration else "-", state.fail_count, state_text(state)))
+                     f"{state.duration:.2f}" if state.duration else "-", state.fail_count, state_cell(state)))
     emit(None, "text", table(["JobID", "Enabled", "Target", "LastSync", "NextSync", "Duration", "FailCount", "State"],
                              rows))
 

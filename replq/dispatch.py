@@ -25,6 +25,8 @@ import redis.lock
 
 from replq.app import ENQUEUE_EXPIRES, TASK_REMOVE, TASK_REPLICATE, enqueue, new_task_id, worker_hostname
 from replq.errors import NotFound, ReplqError
+from replq.output import human_bytes as _human
+from replq.output import progress_line
 from replq.store import JobRoute
 
 # The worker extends its job lock every JOB_LOCK_TTL/3; a dead worker's lock is gone after
@@ -247,30 +249,6 @@ def _progress_text(store: Any, f: Followed) -> str:
     if not p:
         return f"{f.job_id}: starting on {f.node}"
     return f"{f.job_id}: {progress_line(p)}"
-
-
-def progress_line(p: dict) -> str:
-    """`12.3 MiB of 45.6 MiB (27%), 2.0 MB/s, ETA 0:17` from the engine's progress record."""
-    sent, total, rate, eta = p.get("bytes") or 0, p.get("total"), p.get("rate"), p.get("eta")
-    text = _human(sent)
-    if total:
-        text += f" of {_human(total)} ({min(100, 100 * sent // max(total, 1))}%)"
-    if rate is not None:
-        text += f", {rate / 1e6:.1f} MB/s"
-    if eta is not None:
-        m, s = divmod(int(eta), 60)
-        h, m = divmod(m, 60)
-        text += f", ETA {h}:{m:02d}:{s:02d}" if h else f", ETA {m}:{s:02d}"
-    return text
-
-
-def _human(n: Any) -> str:
-    size = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 __all__ = ["run_remote", "follow", "enqueue_routes", "job_routes", "claim", "clear_queued", "defer", "job_lock",

@@ -28,3 +28,28 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = [" ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     return "\n".join(lines)
+
+
+def progress_line(p: dict) -> str:
+    """`12.3 MiB of 45.6 MiB (27%), 2.0 MB/s, ETA 0:17` from the engine's progress record."""
+    sent, total, rate, eta = p.get("bytes") or 0, p.get("total"), p.get("rate"), p.get("eta")
+    text = human_bytes(sent)
+    if total:
+        text += f" of {human_bytes(total)} ({min(100, 100 * sent // max(total, 1))}%)"
+    if rate is not None:
+        text += f", {rate / 1e6:.1f} MB/s"
+    if eta is not None:
+        m, s = divmod(int(eta), 60)
+        h, m = divmod(m, 60)
+        text += f", ETA {h}:{m:02d}:{s:02d}" if h else f", ETA {m}:{s:02d}"
+    return text
+
+
+def human_bytes(n: Any) -> str:
+    """Binary units, as operators read transfer sizes."""
+    size = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
