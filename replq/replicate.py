@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from replq import plan as planner
 from replq import ssh, zfs
 from replq.context import ssh_key_path
@@ -100,16 +102,17 @@ class Progress:
         eta = None
         if rate and self.total is not None and self.total > self.sent:
             eta = round((self.total - self.sent) / rate, 1)
-        self.publish(
-            {
-                "bytes": self.sent,
-                "total": self.total,
-                "rate": round(rate) if rate is not None else None,
-                "eta": eta,
-                "volume": self.volume,
-                "elapsed": round(now - self.started, 1),
-            }
-        )
+        record = {
+            "bytes": self.sent,
+            "total": self.total,
+            "rate": round(rate) if rate is not None else None,
+            "eta": eta,
+            "volume": self.volume,
+            "elapsed": round(now - self.started, 1),
+        }
+        # Progress is advisory: a Redis restart mid-transfer must not fail the replication.
+        with contextlib.suppress(redis.exceptions.RedisError, ServiceError):
+            self.publish(record)
 
 
 def log_line(job_id: str, message: str, when: float | None = None) -> str:

@@ -32,3 +32,19 @@ def test_status_text_shows_progress_of_a_running_job(redis_url: str) -> None:
     row = r.stdout.splitlines()[1]
     assert row.startswith("100-0 ")
     assert row.endswith("SYNCING 1.0 MiB of 4.0 MiB (25%), 1.0 MB/s, ETA 0:03")
+
+
+def test_progress_publishing_survives_a_redis_error() -> None:
+    import redis
+
+    from replq.replicate import Progress
+
+    calls: list[dict | None] = []
+
+    def publish(record: dict | None) -> None:
+        calls.append(record)
+        raise redis.exceptions.ConnectionError("Redis restarting")
+
+    p = Progress(publish=publish, total=100)
+    p.update(40, force=True)  # must not raise: the transfer goes on
+    assert calls and calls[0]["bytes"] == 40
