@@ -175,6 +175,17 @@ def guest_add(env: Env, vmid: str, node_name: str, gtype: str, disks: tuple[str,
     env.store().add_guest(Guest(check_vmid(vmid), node_name, gtype, [Disk.parse(d) for d in disks]))
 
 
+@guest_group.command("set-disks")
+@click.argument("vmid", metavar="VMID")
+@click.option("--disk", "disks", multiple=True, required=True, metavar="STORAGE:VOLNAME[,replicate=0]",
+              help="The guest's disks from now on (repeatable; replaces the list).")
+@pass_env
+@redis_errors
+def guest_set_disks(env: Env, vmid: str, disks: tuple[str, ...]) -> None:
+    """Replace a guest's disks (the jobs follow at their next run)."""
+    env.store().set_guest_disks(check_vmid(vmid), [Disk.parse(d) for d in disks])
+
+
 @guest_group.command("list")
 @output_option
 @pass_env

@@ -45,6 +45,7 @@ from replq.model import (
     DELETABLE,
     STATE_FIELDS,
     UPDATABLE,
+    Disk,
     Guest,
     Job,
     JobState,
@@ -336,6 +337,30 @@ class Store:
             pipe.sadd(self.k("nodeguests", guest.node), guest.vmid)
 
         self._tx(fn, key, nkey, *[self.k("storage", s) for s in sids])
+
+    def set_guest_disks(self, vmid: int | str, disks: Sequence[Disk]) -> Guest:
+        """Replace a guest's disk list (a disk added, removed or marked replicate=0): its jobs
+        follow at their next run (a volume no longer wanted loses its replica on the target)."""
+        vmid = check_vmid(vmid)
+        key = self.k("guest", vmid)
+        sids = sorted({d.storage for d in disks if d.storage})
+
+        def fn(pipe: Any) -> Guest:
+            raw = pipe.hgetall(key)
+            if not raw:
+                raise NotFound(f"guest '{vmid}' does not exist")
+            old = self._guest(raw)
+            if old.purge:
+                raise Conflict(f"guest {vmid} is being removed")
+            for sid in sids:
+                if not pipe.exists(self.k("storage", sid)):
+                    raise NotFound(f"storage '{sid}' does not exist")
+            new = Guest(vmid, old.node, old.type, list(disks))
+            pipe.multi()
+            pipe.hset(key, mapping=_enc({"disks": new.to_dict()["disks"]}))
+            return new
+
+        return self._tx(fn, key, *[self.k("storage", s) for s in sids])
 
     def get_guest(self, vmid: int | str) -> Guest:
         vmid = check_vmid(vmid)

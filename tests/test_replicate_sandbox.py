@@ -509,10 +509,11 @@ def test_volume_no_longer_replicated_is_removed_on_target(cluster: Cluster) -> N
     cluster.job("213-0", "node2")
     cluster.run("213-0")
     assert cluster.exists("node2", d1)
-    # The store has no guest-update call yet: set disk-1 to replicate=0 in the guest's record.
-    disks = [{"volid": "local-zfs:subvol-213-disk-0", "replicate": True},
-             {"volid": "local-zfs:subvol-213-disk-1", "replicate": False}]  # fmt: skip
-    cluster.store.redis.hset(cluster.store.k("guest", 213), "disks", json.dumps(disks))
+    # The operator marks disk-1 replicate=0.
+    r = subprocess.run([sys.executable, "-m", "replq", "--redis", cluster.sb.redis_url, "guest", "set-disks", "213",
+                        "--disk", "local-zfs:subvol-213-disk-0", "--disk", "local-zfs:subvol-213-disk-1,replicate=0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
     assert not cluster.store.get_guest(213).disks[1].replicate
     time.sleep(1)
     cluster.run("213-0")
