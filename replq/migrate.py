@@ -262,7 +262,7 @@ def _send_full(conn: ssh.Connection, node: str, dataset: str, snap: str) -> int:
     sent = 0
     try:
         assert sender.stdout is not None
-        stream = conn.open_stream(zfs.recv_argv(dataset))
+        stream = conn.open_stream(zfs.recv_argv(dataset, incremental=False))
         while chunk := sender.stdout.read(CHUNK):
             try:
                 stream.write(chunk)

@@ -282,11 +282,15 @@ def make_plan(
             # Existing target volume (foreign or diverged) without a common base: refuse, never overwrite.
             no_base.append(vol.volid)
             continue
-        prune = [s.name for s in dst if is_job_snapshot(s.name, job_id) and s.name != base.name]
+        # SPEC §5.4: prune this job's other target snapshots only when the base is last_sync's
+        # snapshot on both sides. After a fallback they may be the only base left if this send fails.
+        stale = [s.name for s in dst if is_job_snapshot(s.name, job_id) and s.name != base.name]
+        prune = [] if fallback else stale
         # After `recv -F` of `-R -I base`, the target holds base plus every source snapshot after it.
         sent_after = [s.name for s in src if is_job_snapshot(s.name, job_id) and s.creation >= base.creation]
         kept_target = [base.name] if is_job_snapshot(base.name, job_id) else []
-        cleanup_target = sorted(set(kept_target) | set(sent_after))
+        # After a fallback the stale ones go only once the new snapshot has arrived (step 8).
+        cleanup_target = sorted(set(kept_target) | set(sent_after) | (set(stale) if fallback else set()))
         plans.append(
             VolumePlan(
                 volume=vol,

@@ -380,8 +380,15 @@ class Replication:
             else:
                 for name in names:
                     self._cleanup(remote, ds, name, job.target)
-        for ds, names in sorted(job_datasets(self.local.list(pools)).items()):
+        from replq.migrate import held_bases
+
+        listing = self.local.list(pools)
+        held = held_bases(self.store, guest.vmid, self.job_id, listing)
+        for ds, names in sorted(job_datasets(listing).items()):
             for name in names:
+                if (ds, name) in held:  # another job's only base after a move (SPEC §6)
+                    self.log(f"keep '{ds}@{name}' on {self.node}: base of job {held[(ds, name)]}")
+                    continue
                 self.local.destroy_snapshot(ds, name)
                 self.log(f"delete snapshot '{ds}@{name}' on {self.node}")
 
@@ -568,7 +575,7 @@ class Replication:
             assert sender.stdout is not None
             with contextlib.suppress(OSError):
                 fcntl.fcntl(sender.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            stream = self.conn.open_stream(zfs.recv_argv(vp.dataset))
+            stream = self.conn.open_stream(zfs.recv_argv(vp.dataset, incremental=vp.mode == "incremental"))
             buf = bytearray(bucket.chunk_size(CHUNK))
             view = memoryview(buf)
             fd = sender.stdout.fileno()

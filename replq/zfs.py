@@ -106,8 +106,12 @@ def send_argv(dataset: str, snap: str, base: str | None = None) -> list[str]:
     return argv + [snapshot_ref(dataset, snap)]
 
 
-def recv_argv(dataset: str) -> list[str]:
-    return [ZFS, "recv", "-F", "--", validate_dataset(dataset)]
+def recv_argv(dataset: str, incremental: bool = True) -> list[str]:
+    """`-F` only for incremental streams (roll back to the base). A full stream is received
+    without it, so that it fails atomically if a dataset of that name appeared meanwhile
+    instead of overwriting it."""
+    force = ["-F"] if incremental else []
+    return [ZFS, "recv", *force, "--", validate_dataset(dataset)]
 
 
 def send_estimate_argv(dataset: str, snap: str, base: str | None = None) -> list[str]:

@@ -436,3 +436,32 @@ def test_after_failover_every_job_of_the_guest_keeps_a_common_base(nodes: Nodes)
     assert nodes.job_snaps("node1", ds, "708-0") == [new0] and nodes.job_snaps("node3", ds, "708-1") == [new1]
     sums = {n: nodes.checksum(n, ds) for n in ("node1", "node2", "node3")}
     assert sums["node1"] == sums["node2"] == sums["node3"] and "./y" in sums["node2"]
+
+
+def test_removing_a_job_after_failover_keeps_the_other_jobs_base(nodes: Nodes) -> None:
+    """As above, but 709-0 is deleted (full) from node2 before 709-1 has run there: the removal
+    must keep the snapshot that is 709-1's only base with node3, so 709-1 goes on incrementally."""
+    (ds,) = nodes.guest(709, "node1", mb=4)
+    nodes.job("709-0", "node2")
+    nodes.job("709-1", "node3")
+    nodes.run("709-0", "node1")
+    shared = snap("709-0", nodes.store.get_state("709-0").last_sync)
+    nodes.run("709-1", "node1")
+    nodes.write("node1", ds, "x", 1)
+    time.sleep(1)
+    nodes.run("709-1", "node1")
+    try:
+        nodes.sb.stop_node("node1")
+        nodes.ok("node2", "guest", "move", "709", "--to", "node2")
+    finally:
+        nodes.sb.start_node("node1")
+    nodes.ok("node2", "delete", "709-0")
+    nodes.run("709-0", "node2")  # the removal run, from the guest's new node
+    assert "709-0" not in nodes.store.job_ids()
+    assert shared in nodes.snapshots("node2", ds)  # kept: 709-1's base
+    nodes.write("node2", ds, "y", 2)
+    time.sleep(1)
+    nodes.run("709-1", "node2")
+    st = nodes.store.get_state("709-1")
+    assert 2 * MiB <= st.bytes < 4 * MiB, st.bytes  # incremental from `shared`
+    assert nodes.checksum("node2", ds) == nodes.checksum("node3", ds)

@@ -143,9 +143,21 @@ def test_last_sync_missing_on_one_side_falls_back_to_newest_common(side: str) ->
     plan = make_plan("100-0", 100, 2000, 1000, [V0], {D0: src}, {D0: dst})
     (vp,) = plan.volumes
     assert vp.base == mid and vp.fallback
-    # Never prune the fallback base itself.
-    assert mid.name not in vp.prune_target
-    assert old.name in vp.prune_target
+    # After a fallback nothing is pruned before the send: if it fails, those may be the only base.
+    assert vp.prune_target == []
+    # Once the new snapshot has arrived, the stale ones go (the new one is kept by the engine).
+    if side == "target":
+        assert old.name in vp.cleanup_target and mid.name in vp.cleanup_target
+
+
+def test_fallback_failure_cannot_lose_the_common_base() -> None:
+    # The review's case: last_sync 300 is missing on the target; another job's snapshot is the
+    # newest common one. This job's own @200 must stay on the target until the send succeeds.
+    own_old, other, own_last = snap("100-0", 200), snap("100-1", 250), snap("100-0", 300)
+    plan = make_plan("100-0", 100, 400, 300, [V0], {D0: [own_old, other, own_last]}, {D0: [own_old, other]})
+    (vp,) = plan.volumes
+    assert vp.fallback and vp.base == other
+    assert vp.prune_target == []
 
 
 def test_fallback_uses_other_jobs_snapshot_when_common() -> None:

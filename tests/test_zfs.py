@@ -59,6 +59,8 @@ def test_send_recv_argv() -> None:
         "zfs", "send", "-Rp", "-I", f"{DS}@__replicate_100-0_1__", f"{DS}@{SNAP}",
     ]  # fmt: skip
     assert zfs.recv_argv(DS) == ["zfs", "recv", "-F", "--", DS]
+    # A full stream never overwrites: without -F, a dataset of that name makes it fail.
+    assert zfs.recv_argv(DS, incremental=False) == ["zfs", "recv", "--", DS]
     with pytest.raises(ValidationError):
         zfs.send_argv(DS, "x y")
     with pytest.raises(ValidationError):
