@@ -23,11 +23,15 @@ def sandbox_pointer() -> Path:
 
 
 def sandbox_info() -> dict | None:
-    """The running sandbox's description written by `sandbox up`, if any."""
+    """The sandbox this user brought up, if it is still there. A pointer left behind by a
+    sandbox whose directory is gone (removed, or a reboot cleared it) is ignored."""
     try:
-        return json.loads(sandbox_pointer().read_text())
+        info = json.loads(sandbox_pointer().read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(info, dict) or not (Path(str(info.get("dir", ""))) / "sandbox.json").is_file():
+        return None
+    return info
 
 
 def redis_url(explicit: str | None = None) -> str:

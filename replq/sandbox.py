@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -398,12 +399,17 @@ class Sandbox:
         env = dict(os.environ)
         env.update(self.env())
         env["REPLQ_NODE"] = name
+        # `replq` inside a node is this installation's, whatever the caller's PATH says.
+        bindir = os.path.dirname(sys.executable)
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         if extra:
             env.update(extra)
         return env
 
     def _ns_argv(self, name: str, argv: list[str]) -> list[str]:
-        return ["nsenter", f"--mount=/proc/{self._ns(name)}/ns/mnt", "--", *argv]
+        # Keep the caller's working directory (nsenter would start in /), as `ssh node cmd` does not
+        # but an operator typing `sandbox exec node1 -- .venv/bin/replq …` expects.
+        return ["nsenter", f"--mount=/proc/{self._ns(name)}/ns/mnt", f"--wd={os.getcwd()}", "--", *argv]
 
     def exec(self, name: str, argv: list[str], env: dict[str, str] | None = None,
              **kw: Any) -> subprocess.CompletedProcess:

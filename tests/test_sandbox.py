@@ -116,6 +116,12 @@ def test_exec_sets_node_and_env_prints_exports(sandbox: Sandbox) -> None:
     r = replq("sandbox", "env", "--dir", str(sandbox.dir))
     assert r.returncode == 0
     assert f"export REPLQ_REDIS_URL={sandbox.redis_url}" in r.stdout.splitlines()
+    # The caller's working directory and this installation's `replq` (README: exec … -- replq migrate).
+    r = subprocess.run([sys.executable, "-m", "replq", "sandbox", "exec", "--dir", str(sandbox.dir), "node1", "--",
+                        "sh", "-c", "pwd; command -v replq"], capture_output=True, text=True, timeout=60,
+                       cwd=sandbox.dir / "ssh", env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(sandbox.dir / "ssh"), str(Path(sys.executable).parent / "replq")]
     r = replq("sandbox", "exec", "--dir", str(sandbox.dir), "node9", "--", "true")
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "no node 'node9'" in r.stderr
