@@ -370,8 +370,7 @@ def test_target_node_stopped_mid_stream(cluster: Cluster) -> None:
         cluster.sb.stop_node("node3")
         out, err = proc.communicate(timeout=120)
         assert time.monotonic() - t0 < 75  # a dead peer fails the run within about a minute
-        # (No returncode check: Sandbox.stop_node reaps every child of this process with
-        # waitpid(-1), the engine's exit status included; the state tells the outcome.)
+        assert proc.returncode == 1, out + err
         assert "lost" in err, out + err
         st = cluster.state("206-0")
         assert st.fail_count == 1 and "node3" in st.error, st.error
