@@ -32,6 +32,7 @@ from replq import plan as planner
 from replq import ssh, zfs
 from replq.context import ssh_key_path
 from replq.errors import Conflict, ReplqError, ServiceError
+from replq.locks import Heartbeat
 from replq.model import Job, check_node_name, check_vmid, job_id_sort_key, trusted
 from replq.store import GuestChange
 
@@ -180,9 +181,10 @@ def _running(store: Any, vmid: int) -> str:
 
 
 @contextlib.contextmanager
-def guest_locks(store: Any, vmid: int, what: str) -> Iterator[None]:
+def guest_locks(store: Any, vmid: int, what: str) -> Iterator[threading.Event]:
     """The migrate lock and the guest lock, extended by a heartbeat: no job of the guest starts
-    (beat skips a locked guest; the engine refuses) while the guest is migrated or moved."""
+    (beat skips a locked guest; the engine refuses) while the guest is migrated or moved.
+    Yields an event that is set if the locks were lost meanwhile: the guest must not move then."""
     from replq.replicate import LOCK_TTL
 
     mlock = store.lock("migrate", vmid, LOCK_TTL)
@@ -194,24 +196,8 @@ def guest_locks(store: Any, vmid: int, what: str) -> Iterator[None]:
             mlock.release()
         raise MigrationRefused(f"cannot {what} guest {vmid}: {_running(store, vmid)}; try again when it has finished "
                                f"(the lock of a dead node expires within {LOCK_TTL:.0f} s)")  # fmt: skip
-    stop = threading.Event()
-
-    def heartbeat() -> None:
-        while not stop.wait(LOCK_TTL / 3):
-            for lock in (mlock, glock):
-                with contextlib.suppress(Exception):  # Redis away for a moment: next beat
-                    lock.extend(LOCK_TTL, replace_ttl=True)
-
-    beat = threading.Thread(target=heartbeat, name=f"migrate-lock-{vmid}", daemon=True)
-    beat.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        beat.join(timeout=5)
-        for lock in (glock, mlock):
-            with contextlib.suppress(Exception):
-                lock.release()
+    with Heartbeat([mlock, glock], LOCK_TTL, name=f"migrate-lock-{vmid}") as beat:
+        yield beat.lost
 
 
 # ---------------------------------------------------------------------------------- migrate
@@ -346,7 +332,7 @@ def migrate(store: Any, vmid: int | str, target: str, node: str, *, echo: Callab
     copy = [v for v in volumes if v.dataset not in replicated]
     res = MigrateResult(vmid=vmid, source=node, target=target, mode="full" if job is None else "delta",
                         job=job.id if job else None)  # fmt: skip
-    with guest_locks(store, vmid, "migrate"):
+    with guest_locks(store, vmid, "migrate") as lock_lost:
         try:
             conn = connect(store, target, key_path)
         except (ssh.NodeUnreachable, ssh.ConnectionLost, ssh.HostKeyMismatch) as exc:
@@ -371,7 +357,7 @@ def migrate(store: Any, vmid: int | str, target: str, node: str, *, echo: Callab
                     raise MigrationFailed(f"cannot migrate guest {vmid}: replication job {job.id} failed: {run.error}; "
                                           f"the guest stays on node '{node}'")  # fmt: skip
                 res.bytes += run.bytes
-            _copy_and_move(store, res, copy, local, remote, conn, say)
+            _copy_and_move(store, res, copy, local, remote, conn, say, lock_lost)
         finally:
             conn.close()
     res.duration = round(time.monotonic() - t0, 3)
@@ -379,7 +365,8 @@ def migrate(store: Any, vmid: int | str, target: str, node: str, *, echo: Callab
 
 
 def _copy_and_move(store: Any, res: MigrateResult, copy: list[planner.Volume], local: zfs.Zfs, remote: zfs.Zfs,
-                   conn: ssh.Connection, say: Callable[[str], None]) -> None:  # fmt: skip
+                   conn: ssh.Connection, say: Callable[[str], None],
+                   lock_lost: threading.Event | None = None) -> None:  # fmt: skip
     """Full copies (checked), then the guest moves; the source copies go only after that."""
     snap = MIGRATE_SNAPSHOT.format(epoch=int(time.time()))
     snapped: list[str] = []
@@ -396,6 +383,9 @@ def _copy_and_move(store: Any, res: MigrateResult, copy: list[planner.Volume], l
             say(f"{v.volid}: {sent} bytes sent, every snapshot arrived with the same guid")
             res.bytes += sent
             res.copied.append(v.dataset)
+        if lock_lost is not None and lock_lost.is_set():
+            raise MigrationFailed(f"cannot migrate guest {res.vmid}: its lock was lost while Redis was away "
+                                  f"(a job of the guest may have started); the guest stays on node '{res.source}'")
         changes = commit_switch(store, res.vmid, res.target, move_from=res.source)
     except BaseException as exc:
         for ds in created:

@@ -30,6 +30,7 @@ from replq import plan as planner
 from replq import ssh, zfs
 from replq.context import ssh_key_path
 from replq.errors import ReplqError, ServiceError
+from replq.locks import Heartbeat
 from replq.throttle import TokenBucket
 
 # A dead engine's guest lock expires this soon; a live one extends it every third of it.
@@ -245,24 +246,12 @@ class Replication:
         lock = self.store.lock("guest", vmid, LOCK_TTL)
         if not lock.acquire(blocking=False):
             raise GuestLocked(f"guest {vmid} is locked: another replication job of this guest is running")
-        stop = threading.Event()
-
-        def heartbeat() -> None:
-            while not stop.wait(LOCK_TTL / 3):
-                try:
-                    lock.extend(LOCK_TTL, replace_ttl=True)
-                except Exception:  # noqa: BLE001 - Redis away for a moment: try again next beat
-                    pass
-
-        beat = threading.Thread(target=heartbeat, name=f"lock-{vmid}", daemon=True)
-        beat.start()
-        try:
+        # Losing the guest lock (expired while Redis was away) cancels the transfer: another
+        # run of this guest may start now.
+        if self.cancel is None:
+            self.cancel = threading.Event()
+        with Heartbeat([lock], LOCK_TTL, on_lost=self.cancel.set, name=f"lock-{vmid}"):
             yield
-        finally:
-            stop.set()
-            beat.join(timeout=5)
-            with contextlib.suppress(Exception):
-                lock.release()
 
     # ------------------------------------------------------------------ dry run
 

@@ -28,13 +28,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
 from celery import shared_task
 from celery.signals import worker_process_init
 
 from replq import context, dispatch
 from replq.app import TASK_REMOVE, TASK_REPLICATE
 from replq.errors import NotFound, ReplqError
+from replq.locks import Heartbeat
 
 log = logging.getLogger("replq.worker")
 
@@ -140,40 +140,21 @@ def _install_cancel_handler(**_: Any) -> None:
 # ---- the job lock ------------------------------------------------------------------------------
 
 class JobLock:
-    """The per-job lock with a heartbeat thread. Losing it (expired while Redis was away) cancels
-    the run: another worker may take the job now, and two runs must never overlap."""
+    """The per-job lock with a heartbeat. Losing it (expired while Redis was away) cancels the
+    run: another worker may take the job now, and two runs must never overlap."""
 
     def __init__(self, store: Any, job_id: str, on_lost: Any) -> None:
         self.lock = dispatch.job_lock(store, job_id)
-        self.ttl = dispatch.JOB_LOCK_TTL
-        self.on_lost = on_lost
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.heartbeat = Heartbeat([self.lock], dispatch.JOB_LOCK_TTL, on_lost=on_lost, name="job-lock")
 
     def acquire(self) -> bool:
         if not self.lock.acquire(blocking=False):
             return False
-        self._thread = threading.Thread(target=self._beat, name="job-lock", daemon=True)
-        self._thread.start()
+        self.heartbeat.start()
         return True
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                self.lock.extend(self.ttl, replace_ttl=True)
-            except redis.exceptions.LockNotOwnedError:
-                log.error("job lock %s lost: cancelling the run", self.lock.name)
-                self.on_lost()
-                return
-            except redis.exceptions.RedisError:
-                continue  # Redis away for a moment: the TTL still covers the next attempt
-
     def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        with contextlib.suppress(redis.exceptions.RedisError):
-            self.lock.release()
+        self.heartbeat.stop()
 
 
 # ---- tasks -------------------------------------------------------------------------------------
