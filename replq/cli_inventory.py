@@ -246,7 +246,7 @@ def settings_show(env: Env, output_format: str) -> None:
     emit(s, output_format, lambda: table(["key", "value"], sorted(s.items())))
 
 
-@settings_group.command("set")
+@settings_group.command("set", context_settings={"ignore_unknown_options": True})  # VALUE may be "-5"
 @click.argument("key")
 @click.argument("value")
 @pass_env

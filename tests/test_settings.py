@@ -39,3 +39,13 @@ def test_bad_settings_are_refused_and_nothing_is_written(redis_url: str, key: st
     with pytest.raises(ValidationError, match=message):
         store.set_setting(key, value)
     assert store.get_settings() == before
+
+
+def test_negative_value_is_a_value_not_an_option(redis_url: str) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "replq", "settings", "set", "retry_interval", "-5"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "replq: retry_interval: value must be between 60 and 604800 seconds"
