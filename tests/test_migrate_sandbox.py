@@ -396,25 +396,32 @@ def test_guest_move_force(nodes: Nodes) -> None:
     assert "already lives on node 'node2'" in nodes.refused("node1", "guest", "move", "706", "--to", "node2")
 
 
+def _failover_with_two_jobs(nodes: Nodes, vmid: int) -> tuple[str, str]:
+    """Guest on node1 with jobs -0 to node2 and -1 to node3, -1 synced later than -0; node1
+    fails and the guest is moved to node2. Returns (dataset, the one snapshot node2 and node3 share)."""
+    (ds,) = nodes.guest(vmid, "node1", mb=4)
+    nodes.job(f"{vmid}-0", "node2")
+    nodes.job(f"{vmid}-1", "node3")
+    nodes.run(f"{vmid}-0", "node1")
+    shared = snap(f"{vmid}-0", nodes.store.get_state(f"{vmid}-0").last_sync)
+    nodes.run(f"{vmid}-1", "node1")
+    nodes.write("node1", ds, "x", 1)
+    time.sleep(1)
+    nodes.run(f"{vmid}-1", "node1")  # node3 is newer than node2 now; only `shared` is on both
+    assert nodes.snapshots("node2", ds) == [shared] and shared in nodes.snapshots("node3", ds)
+    try:
+        nodes.sb.stop_node("node1")
+        nodes.ok("node2", "guest", "move", str(vmid), "--to", "node2")
+    finally:
+        nodes.sb.start_node("node1")
+    return ds, shared
+
+
 def test_after_failover_every_job_of_the_guest_keeps_a_common_base(nodes: Nodes) -> None:
     """Jobs to node2 and node3; node1 fails after 708-1 synced later than 708-0. The guest moves to
     node2; 708-0 runs first from there, and must not delete the one snapshot node2 shares with
     node3 (708-1's base now): both jobs go on incrementally, all three copies end up identical."""
-    (ds,) = nodes.guest(708, "node1", mb=4)
-    nodes.job("708-0", "node2")
-    nodes.job("708-1", "node3")
-    nodes.run("708-0", "node1")
-    shared = snap("708-0", nodes.store.get_state("708-0").last_sync)
-    nodes.run("708-1", "node1")
-    nodes.write("node1", ds, "x", 1)
-    time.sleep(1)
-    nodes.run("708-1", "node1")  # node3 is newer than node2 now; only `shared` is on both
-    assert nodes.snapshots("node2", ds) == [shared] and shared in nodes.snapshots("node3", ds)
-    try:
-        nodes.sb.stop_node("node1")
-        nodes.ok("node2", "guest", "move", "708", "--to", "node2")
-    finally:
-        nodes.sb.start_node("node1")
+    ds, shared = _failover_with_two_jobs(nodes, 708)
     nodes.write("node2", ds, "y", 2)
     time.sleep(1)
     nodes.run("708-0", "node2")
@@ -441,20 +448,7 @@ def test_after_failover_every_job_of_the_guest_keeps_a_common_base(nodes: Nodes)
 def test_removing_a_job_after_failover_keeps_the_other_jobs_base(nodes: Nodes) -> None:
     """As above, but 709-0 is deleted (full) from node2 before 709-1 has run there: the removal
     must keep the snapshot that is 709-1's only base with node3, so 709-1 goes on incrementally."""
-    (ds,) = nodes.guest(709, "node1", mb=4)
-    nodes.job("709-0", "node2")
-    nodes.job("709-1", "node3")
-    nodes.run("709-0", "node1")
-    shared = snap("709-0", nodes.store.get_state("709-0").last_sync)
-    nodes.run("709-1", "node1")
-    nodes.write("node1", ds, "x", 1)
-    time.sleep(1)
-    nodes.run("709-1", "node1")
-    try:
-        nodes.sb.stop_node("node1")
-        nodes.ok("node2", "guest", "move", "709", "--to", "node2")
-    finally:
-        nodes.sb.start_node("node1")
+    ds, shared = _failover_with_two_jobs(nodes, 709)
     nodes.ok("node2", "delete", "709-0")
     nodes.run("709-0", "node2")  # the removal run, from the guest's new node
     assert "709-0" not in nodes.store.job_ids()
