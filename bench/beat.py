@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import base64
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,34 +37,13 @@ from replq import dispatch, schedule  # noqa: E402
 from replq.app import make_app, queue_name  # noqa: E402
 from replq.model import Disk, Guest, Job, Node, Storage  # noqa: E402
 from replq.store import Store  # noqa: E402
+from tests.redisproc import RedisProcess  # noqa: E402
 
 NODES = 100
 JOBS = 10_000
 DUE_PER_TICK = JOBS // 100
 TICKS = 60
 RETRY = 1800
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind",
-                             "127.0.0.1", "--dir", str(directory), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(100):
-        try:
-            if redis.Redis.from_url(url).ping():
-                return proc, url
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("redis-server did not start")
 
 
 def host_key(i: int) -> str:
@@ -158,7 +135,9 @@ def pct(values: list[float], p: float) -> float:
 
 def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="replq-bench-beat-"))
-    proc, url = start_redis(tmp)
+    server = RedisProcess(Path(tmp), aof=False)
+    server.start()
+    url = server.url
     try:
         store = Store.from_url(url)
         client = redis.Redis.from_url(url)
@@ -191,11 +170,7 @@ def main() -> int:
         app.close()
         return 0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -15,7 +15,6 @@ import argparse
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,38 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import redis  # noqa: E402
 
 from replq import schedule  # noqa: E402
 from replq.model import Disk, Guest, Job, Node, Storage  # noqa: E402
 from replq.store import Store  # noqa: E402
+from tests.redisproc import RedisProcess  # noqa: E402
 
 STATUS_GOAL_S = 1.5
 DUE_GOAL_MS = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory, "--save", "",
-                             "--appendonly", "no", "--daemonize", "no"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if redis.Redis.from_url(url).ping():
-                return proc, url
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("redis-server did not start")
 
 
 def load(store: Store, jobs: int, nodes: int, now: float) -> None:
@@ -150,7 +125,9 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=100)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="replq-bench-")
-    proc, url = start_redis(tmp)
+    server = RedisProcess(Path(tmp), aof=False)
+    server.start()
+    url = server.url
     try:
         store = Store.from_url(url)
         now = time.time()
@@ -182,8 +159,7 @@ def main() -> None:
         print(f"  baseline naive scan (read all, compute next_sync): {naive_ms:.0f} ms; "
               f"ratio {naive_ms / q_med:.0f}x")
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
