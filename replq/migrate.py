@@ -20,8 +20,6 @@ switched job keeps its last_sync and continues from that snapshot.
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -238,46 +236,12 @@ def _local_volumes(guest: Any, storages: dict[str, Any], target: str, what: str 
 
 
 def _send_full(conn: ssh.Connection, node: str, dataset: str, snap: str) -> int:
-    """`zfs send -Rp dataset@snap` here into `zfs recv -F dataset` on the connected node."""
-    from replq.replicate import _stop_sender
+    """`zfs send -Rp dataset@snap` here into `zfs recv dataset` on the connected node (no -F:
+    it never overwrites), through the engine's send pipeline."""
+    from replq.replicate import send_stream
 
-    errfile = tempfile.TemporaryFile()
-    sender = subprocess.Popen(zfs.send_argv(dataset, snap), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=errfile, start_new_session=True, bufsize=0)  # fmt: skip
-    stream: ssh.Stream | None = None
-    sent = 0
-    try:
-        assert sender.stdout is not None
-        stream = conn.open_stream(zfs.recv_argv(dataset, incremental=False))
-        while chunk := sender.stdout.read(CHUNK):
-            try:
-                stream.write(chunk)
-            except ssh.RemoteExited:
-                res = stream.finish(timeout=60)
-                raise zfs.map_error(res.stderr or "zfs recv ended early", f"receiving {dataset}", conn.node,
-                                    "target") from None  # fmt: skip
-            sent += len(chunk)
-        rc = sender.wait()
-        if rc != 0:
-            errfile.seek(0)
-            err = errfile.read().decode(errors="replace")
-            with contextlib.suppress(ReplqError):
-                stream.finish(timeout=60)
-            raise zfs.map_error(err, f"sending {dataset}", node, "source")
-        res = stream.finish()
-        if res.returncode != 0:
-            raise zfs.map_error(res.stderr, f"receiving {dataset}", conn.node, "target")
-    except BaseException:
-        _stop_sender(sender)
-        if stream is not None:
-            stream.abort()
-        raise
-    finally:
-        if sender.stdout is not None:
-            sender.stdout.close()
-        with contextlib.suppress(Exception):
-            sender.wait(timeout=10)
-        errfile.close()
+    sent, _ = send_stream(conn, zfs.send_argv(dataset, snap), zfs.recv_argv(dataset, incremental=False),
+                          source=node, dataset=dataset)
     return sent
 
 

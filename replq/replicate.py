@@ -548,68 +548,22 @@ class Replication:
         self.log(f"{vp.volume.volid}: {what} (estimated size {human(estimate)})")
         progress.volume = vp.volume.volid
         t0 = time.monotonic()
-        errfile = tempfile.TemporaryFile()
-        sender = subprocess.Popen(
-            zfs.send_argv(vp.dataset, snap, base),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=errfile,
-            start_new_session=True,  # killed as a group on failure
-            bufsize=0,
-        )
-        stream: ssh.Stream | None = None
-        sent = 0
-        t_stream = 0.0
+
+        def on_bytes(sent: int) -> None:
+            progress.update(sent)
+            if self.cancel is not None and self.cancel.is_set():
+                raise Cancelled("replication cancelled")
+
         try:
-            assert sender.stdout is not None
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(sender.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            stream = self.conn.open_stream(zfs.recv_argv(vp.dataset, incremental=vp.mode == "incremental"))
-            buf = bytearray(bucket.chunk_size(CHUNK))
-            view = memoryview(buf)
-            fd = sender.stdout.fileno()
-            while True:
-                n = os.readv(fd, [buf])
-                if n == 0:
-                    break
-                bucket.consume(n)
-                try:
-                    stream.write(view[:n])
-                except ssh.RemoteExited:
-                    # zfs recv gave up: its exit status and stderr say why.
-                    _stop_sender(sender)
-                    res = stream.finish(timeout=60)
-                    raise self._target_error(vp, res.stderr or "zfs recv ended before the stream") from None
-                sent += n
-                progress.update(sent)
-                if self.cancel is not None and self.cancel.is_set():
-                    raise Cancelled("replication cancelled")
-            t_stream = time.monotonic() - t0  # the limiter's part; zfs recv may still be committing
-            rc = sender.wait()
-            if rc != 0 and not stream.chan.exit_status_ready():
-                errfile.seek(0)
-                err = errfile.read().decode(errors="replace")
-                stream.finish(timeout=60)  # let zfs recv see the end and discard the partial stream
-                if rc < 0:
-                    raise SendFailed(f"zfs send of {vp.dataset} was killed (signal {-rc})")
-                raise zfs.map_error(err, f"sending {vp.dataset}", self.node, "source")
-            res = stream.finish()
-            if res.returncode != 0:
-                err = self._target_error(vp, res.stderr)
-                raise err
+            sent, t_stream = send_stream(
+                self.conn, zfs.send_argv(vp.dataset, snap, base),
+                zfs.recv_argv(vp.dataset, incremental=vp.mode == "incremental"),
+                source=self.node, dataset=vp.dataset, bucket=bucket, on_bytes=on_bytes,
+                target_error=lambda stderr: self._target_error(vp, stderr),
+            )  # fmt: skip
         except BaseException as exc:
-            _stop_sender(sender)
-            if stream is not None:
-                stream.abort()
-            errfile.close()
             self._undo_target(job, vp, exc)
             raise
-        finally:
-            if sender.stdout is not None:
-                sender.stdout.close()
-            with contextlib.suppress(Exception):
-                sender.wait(timeout=10)
-        errfile.close()
         dt = time.monotonic() - t0
         progress.done += sent
         progress.current = 0
@@ -656,6 +610,69 @@ class Replication:
             self.conn.close()
             self.conn = None
             self.remote = None
+
+
+def send_stream(conn: ssh.Connection, send_argv: list[str], recv_argv: list[str], *, source: str, dataset: str,
+                bucket: TokenBucket | None = None, on_bytes: Callable[[int], None] | None = None,
+                target_error: Callable[[str], Exception] | None = None) -> tuple[int, float]:
+    """`zfs send` here → token bucket → SSH channel → `zfs recv` on the connected node.
+
+    The one send pipeline of replq (runs and migrations). Returns (bytes sent, seconds until the
+    stream ended; zfs recv may commit after that). On any failure the sender is stopped as a
+    process group and the channel aborted before the exception goes up. `on_bytes(sent)` is
+    called after every chunk and may raise to cancel."""
+    bucket = bucket or TokenBucket.from_mbps(None)
+    target_error = target_error or (lambda stderr: zfs.map_error(stderr, f"receiving {dataset}", conn.node, "target"))
+    t0 = time.monotonic()
+    errfile = tempfile.TemporaryFile()
+    sender = subprocess.Popen(send_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errfile,
+                              start_new_session=True, bufsize=0)  # killed as a group on failure
+    stream: ssh.Stream | None = None
+    sent = 0
+    try:
+        assert sender.stdout is not None
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(sender.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        stream = conn.open_stream(recv_argv)
+        buf = bytearray(bucket.chunk_size(CHUNK))
+        view = memoryview(buf)
+        fd = sender.stdout.fileno()
+        while n := os.readv(fd, [buf]):
+            bucket.consume(n)
+            try:
+                stream.write(view[:n])
+            except ssh.RemoteExited:
+                # zfs recv gave up: its exit status and stderr say why.
+                _stop_sender(sender)
+                res = stream.finish(timeout=60)
+                raise target_error(res.stderr or "zfs recv ended before the stream") from None
+            sent += n
+            if on_bytes is not None:
+                on_bytes(sent)
+        t_stream = time.monotonic() - t0
+        rc = sender.wait()
+        if rc != 0 and not stream.chan.exit_status_ready():
+            errfile.seek(0)
+            err = errfile.read().decode(errors="replace")
+            stream.finish(timeout=60)  # let zfs recv see the end and discard the partial stream
+            if rc < 0:
+                raise SendFailed(f"zfs send of {dataset} was killed (signal {-rc})")
+            raise zfs.map_error(err, f"sending {dataset}", source, "source")
+        res = stream.finish()
+        if res.returncode != 0:
+            raise target_error(res.stderr)
+        return sent, t_stream
+    except BaseException:
+        _stop_sender(sender)
+        if stream is not None:
+            stream.abort()
+        raise
+    finally:
+        if sender.stdout is not None:
+            sender.stdout.close()
+        with contextlib.suppress(Exception):
+            sender.wait(timeout=10)
+        errfile.close()
 
 
 def _stop_sender(proc: subprocess.Popen, grace: float = 5.0) -> None:
