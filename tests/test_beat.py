@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from replq import dispatch
 from replq.app import make_app, queue_name
 from replq.model import Disk, Guest, Job, Node, Storage
 from replq.store import Store
+from tests.helpers import stop_procs
 
 REPO = str(Path(__file__).resolve().parent.parent)
 NODES = ("n1", "n2", "n3")
@@ -218,15 +218,7 @@ def _start_beat(redis_url: str, log: Path) -> subprocess.Popen:
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+    stop_procs(procs, timeout=15)
 
 
 def test_two_beats_queue_each_job_once_and_standby_takes_over(env: tuple, redis_url: str, tmp_path: Path) -> None:

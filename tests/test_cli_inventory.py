@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,24 +16,8 @@ import redis
 
 from replq.model import Disk, Guest, Job, Node, Storage
 from replq.store import Store
+from tests.helpers import ok, refused
 from tests.redisproc import free_port
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "replq", *args], capture_output=True, text=True, timeout=60)
-
-
-def ok(*args: str) -> str:
-    r = run(*args)
-    assert r.returncode == 0, (args, r.stderr)
-    return r.stdout
-
-
-def refused(*args: str, code: int = 1) -> str:
-    r = run(*args)
-    assert r.returncode == code, (args, r.returncode, r.stdout, r.stderr)
-    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    return r.stderr
 
 
 def keygen(path: Path) -> tuple[str, str]:

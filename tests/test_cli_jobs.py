@@ -12,24 +12,7 @@ import redis
 
 from replq.model import Disk, Guest, Job, Node, Storage
 from replq.store import Store
-
-
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "replq", *args], capture_output=True, text=True, timeout=60,
-                          input=stdin)
-
-
-def ok(*args: str) -> str:
-    r = run(*args)
-    assert r.returncode == 0, (args, r.stderr)
-    return r.stdout
-
-
-def refused(*args: str, code: int = 1) -> str:
-    r = run(*args)
-    assert r.returncode == code, (args, r.returncode, r.stdout, r.stderr)
-    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    return r.stderr
+from tests.helpers import ok, refused
 
 
 def inproc(*args: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from replq.model import Disk, Guest, Job
 from replq.plan import parse_snapshot_name
 from replq.sandbox import Sandbox
 from replq.store import Store
+from tests.helpers import stop_procs
 
 pytestmark = pytest.mark.sandbox
 
@@ -327,13 +327,7 @@ def _start_worker(nodes: Nodes, node: str) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # nsenter execs the worker: this PID is the worker itself
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    stop_procs([proc])  # nsenter execs the worker: this PID is the worker itself
 
 
 def test_node_failure_guest_move_and_lazy_switch(nodes: Nodes) -> None:

@@ -26,6 +26,7 @@ from replq.calendar import next_event_epoch
 from replq.model import Disk, Guest, Job
 from replq.sandbox import Sandbox, process_alive
 from replq.store import Store
+from tests.helpers import stop_procs
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
@@ -78,16 +79,7 @@ class Runtime:
         return p
 
     def stop_all(self) -> None:
-        procs = [p for p in [self.beat, *self.workers.values()] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_procs([self.beat, *self.workers.values()])
 
     def log(self, name: str) -> str:
         return (self.logdir / name).read_text(errors="replace")

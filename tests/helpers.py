@@ -1,0 +1,42 @@
+"""Small helpers shared by the tests: the CLI as a user runs it, and stopping processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`replq ARGS` in a subprocess, as an operator would type it."""
+    return subprocess.run([sys.executable, "-m", "replq", *args], capture_output=True, text=True, timeout=60,
+                          input=stdin)
+
+
+def ok(*args: str) -> str:
+    r = run(*args)
+    assert r.returncode == 0, (args, r.stderr)
+    return r.stdout
+
+
+def refused(*args: str, code: int = 1) -> str:
+    """The command is refused: the exit code, and exactly one line on stderr, no traceback."""
+    r = run(*args)
+    assert r.returncode == code, (args, r.returncode, r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    return r.stderr
+
+
+def stop_procs(procs: Iterable[subprocess.Popen | None], timeout: float = 30) -> None:
+    """SIGTERM each process we started (by its Popen), wait, SIGKILL what is left."""
+    live = [p for p in procs if p is not None]
+    for p in live:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in live:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
