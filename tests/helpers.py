@@ -5,7 +5,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -40,3 +41,18 @@ def stop_procs(procs: Iterable[subprocess.Popen | None], timeout: float = 30) ->
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(10)
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str, every: float = 0.2,
+             ignore: tuple[type[BaseException], ...] = ()) -> object:
+    """Poll `cond` until it is truthy (its value is returned); errors in `ignore` count as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+        except ignore:
+            value = None
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

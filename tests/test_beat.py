@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from replq import dispatch
 from replq.app import make_app, queue_name
 from replq.model import Disk, Guest, Job, Node, Storage
 from replq.store import Store
-from tests.helpers import stop_procs
+from tests.helpers import stop_procs, wait_for
 
 REPO = str(Path(__file__).resolve().parent.parent)
 NODES = ("n1", "n2", "n3")
@@ -59,16 +59,6 @@ def queued_jobs(client: redis.Redis, node: str | None = None) -> list[str]:
             body = json.loads(base64.b64decode(msg["body"]))
             out.append(body[0][0])
     return out
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str, every: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture

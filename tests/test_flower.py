@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +16,11 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import wait_for
 from tests.redisproc import free_port
+
+# Flower not listening yet, or closing a connection while it starts: not yet.
+URL_ERRORS = (urllib.error.URLError, ConnectionError)
 
 USER, PASSWORD = "admin", "s3cret:with-colon"
 
@@ -54,19 +57,6 @@ def request(url: str, auth: tuple[str, str] | None) -> tuple[int, Any]:
         return exc.code, None
 
 
-def wait_for(cond: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = cond()
-        except (urllib.error.URLError, ConnectionError):
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def has_command(name: str) -> bool:
     from replq.cli import cli
 
@@ -80,7 +70,8 @@ def flower(redis_url: str, tmp_path: Path) -> Iterator[str]:
                  {"REPLQ_FLOWER_USER": USER, "REPLQ_FLOWER_PASSWORD": PASSWORD})
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: request(base + "/api/workers", None)[0] == 401, 30, "Flower to listen")
+        wait_for(lambda: request(base + "/api/workers", None)[0] == 401, 30, "Flower to listen",
+                 ignore=URL_ERRORS)
         yield base
     finally:
         stop(proc)
@@ -109,7 +100,7 @@ def test_flower_lists_replq_tasks_with_job_ids(redis_url: str, flower: str, tmp_
             assert code == 200
             return tasks if all(t in tasks for _, t in sent) else None
 
-        tasks = wait_for(listed, 60, "Flower to list both tasks")
+        tasks = wait_for(listed, 60, "Flower to list both tasks", ignore=URL_ERRORS)
         for job_id, task_id in sent:
             task = tasks[task_id]
             assert task["name"].startswith(appmod.TASK_REPLICATE), task
@@ -120,7 +111,7 @@ def test_flower_lists_replq_tasks_with_job_ids(redis_url: str, flower: str, tmp_
                     t = request(f"{flower}/api/task/info/{tid}", (USER, PASSWORD))[1]
                     return t if t and jid in (t.get("name") or "") else None
 
-                task = wait_for(received, 60, f"the worker to receive {job_id}")
+                task = wait_for(received, 60, f"the worker to receive {job_id}", ignore=URL_ERRORS)
                 assert job_id in task["args"] and task["worker"] == "replq@fl1", task
         # The task list page shows the args column (the job id) next to the name.
         page = urllib.request.Request(flower + "/tasks")
@@ -173,7 +164,8 @@ def test_flower_auth_from_settings(redis_url: str, tmp_path: Path) -> None:
                                 env=env, stdout=out, stderr=out, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: request(base + "/api/workers", None)[0] == 401, 30, "Flower to listen")
+        wait_for(lambda: request(base + "/api/workers", None)[0] == 401, 30, "Flower to listen",
+                 ignore=URL_ERRORS)
         assert request(base + "/api/workers", ("ops", "pw"))[0] == 200
     finally:
         stop(proc)

@@ -21,7 +21,8 @@ from beat.scheduler import BeatCore
 from replq import dispatch
 from replq.app import make_app
 from replq.store import Store
-from tests.test_beat import make_cluster, queued_jobs, wait_for
+from tests.helpers import wait_for
+from tests.test_beat import make_cluster, queued_jobs
 
 REPO = str(Path(__file__).resolve().parent.parent)
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from replq.calendar import next_event_epoch
 from replq.model import Disk, Guest, Job
 from replq.sandbox import Sandbox, process_alive
 from replq.store import Store
-from tests.helpers import stop_procs
+from tests.helpers import stop_procs, wait_for
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
@@ -36,16 +36,6 @@ RETRY = 60
 # The job lock must outlive a worker restart on a loaded 2-core machine (the kill test sends a
 # duplicate message while the dead run's lock still stands), so not much shorter than production's 60 s.
 KNOBS = {"PYTHONPATH": REPO, "REPLQ_JOB_LOCK_TTL": "45", "REPLQ_SWEEP_INTERVAL": "3", "REPLQ_BEAT_LOCK_TTL": "10"}
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str, every: float = 0.25) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Runtime:

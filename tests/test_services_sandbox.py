@@ -6,18 +6,17 @@ from __future__ import annotations
 import base64
 import json
 import os
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from replq import services
 from replq.sandbox import Sandbox, process_alive
 from tests.conftest import sandbox_available
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.sandbox
 
@@ -64,16 +63,6 @@ def sb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         yield box
     finally:
         box.down()
-
-
-def wait_for(cond: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_services_running_workers_inside_their_nodes(sb: Sandbox) -> None:
