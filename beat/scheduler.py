@@ -15,12 +15,12 @@ run because next_sync is the first event after the last attempt, however old.
 
 High availability: any number of beats may run; the one holding the Redis lock `beat/active`
 works, renewing it every tick; the others try to take it every few seconds, so a standby takes
-over within BEAT_LOCK_TTL (30 s) of the active one dying. A beat that loses the lock stops at
+over within beat_lock_ttl (30 s) of the active one dying. A beat that loses the lock stops at
 once; even if two briefly overlap, the markers keep every job queued once.
 
 Interrupted runs: a worker killed mid-run (early ack: its message is gone) leaves the job's
 state saying "running" (worker set) with nobody holding its locks. The active beat sweeps for
-such jobs every SWEEP_INTERVAL and records the attempt as failed, which puts the job into error
+such jobs every sweep_interval and records the attempt as failed, which puts the job into error
 state: it is retried `retry_interval` after that attempt, like any failure.
 """
 
@@ -39,15 +39,13 @@ import redis
 from celery._state import _set_task_join_will_block
 from celery.beat import Scheduler
 
-from replq import dispatch
+from replq import dispatch, jobstate, notify
+from replq.settings import tunable
+from replq.store import Store
 
 log = logging.getLogger("replq.beat")
 
-TICK = float(os.environ.get("REPLQ_BEAT_TICK", "1.0"))
-BEAT_LOCK_TTL = float(os.environ.get("REPLQ_BEAT_LOCK_TTL", "30"))
-SWEEP_INTERVAL = float(os.environ.get("REPLQ_SWEEP_INTERVAL", "30"))
 PAGE = 2000  # due jobs per pipelined read and publish batch
-INTERRUPTED = "replication interrupted: worker {worker} stopped during the run (no heartbeat since its lock expired)"
 
 
 @dataclass
@@ -100,7 +98,8 @@ def no_result_waits() -> None:
 class HALock:
     """The active-beat lock; its token names the holder (host:pid:uuid) for operators and tests."""
 
-    def __init__(self, store: Any, ttl: float = BEAT_LOCK_TTL) -> None:
+    def __init__(self, store: Any, ttl: float | None = None) -> None:
+        ttl = ttl or tunable("beat_lock_ttl")
         self.lock = store.lock("beat", "active", ttl)
         self.ttl = ttl
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -182,21 +181,13 @@ class Sweeper:
                 if not (state.worker or state.progress) or state.task_id != seen.task_id \
                         or state.last_try != seen.last_try:
                     return False
-                error = INTERRUPTED.format(worker=state.worker or "?")
-                self.store.set_progress(job.id, None)
-                self.store.update_state(job.id, fail_count=int(state.fail_count or 0) + 1, error=error,
-                                        worker=None, task_id=None)
-                from replq.replicate import log_line
-
-                self.store.append_log(job.id, log_line(job.id, f"end replication job with error: {error}"))
+                error = jobstate.record_interrupted(self.store, job.id, state.worker)
                 log.warning("job %s: %s", job.id, error)
             finally:
                 gl.release()
         finally:
             jl.release()
-        from workers.tasks import _notify_failed
-
-        _notify_failed(self.store, job.id)
+        notify.job_failed(self.store, job.id)
         return True
 
 
@@ -204,8 +195,6 @@ class ReplqScheduler(Scheduler):
     """Celery beat scheduler reading replq's schedule index (run with `replq beat`)."""
 
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
-        from replq.store import Store
-
         no_result_waits()
         self.store = Store.from_url(app.conf.get("replq_redis_url") or app.conf.broker_url)
         self.core = BeatCore(self.store, app)
@@ -213,7 +202,10 @@ class ReplqScheduler(Scheduler):
         self.sweeper = Sweeper(self.store)
         self._sweep_stop = threading.Event()
         self._sweep_thread: threading.Thread | None = None
-        kwargs.setdefault("max_interval", max(TICK, 5.0))
+        self.tick_interval = tunable("beat_tick")
+        self.lock_ttl = self.ha.ttl
+        self.sweep_interval = tunable("sweep_interval")
+        kwargs.setdefault("max_interval", max(self.tick_interval, 5.0))
         super().__init__(app, *args, **kwargs)
 
     def setup_schedule(self) -> None:
@@ -221,23 +213,23 @@ class ReplqScheduler(Scheduler):
 
     @property
     def info(self) -> str:
-        return f"replq schedule index (tick {TICK:g} s, HA lock ttl {BEAT_LOCK_TTL:g} s)"
+        return f"replq schedule index (tick {self.tick_interval:g} s, HA lock ttl {self.lock_ttl:g} s)"
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         if not self.ha.hold():
-            return min(5.0, BEAT_LOCK_TTL / 3)
+            return min(5.0, self.lock_ttl / 3)
         self._ensure_sweeper()
         try:
             rep = self.core.tick()
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("beat: tick failed (%s); retrying", exc)
-            return TICK
+            return self.tick_interval
         except Exception as exc:  # noqa: BLE001 - e.g. kombu OperationalError while Redis restarts
             log.warning("beat: tick failed (%s: %s); retrying", exc.__class__.__name__, exc)
-            return TICK
+            return self.tick_interval
         if rep.seconds > 0.5:
             log.warning("beat: slow tick: %d due, %d queued in %.3f s", rep.due, len(rep.enqueued), rep.seconds)
-        return TICK
+        return self.tick_interval
 
     def _ensure_sweeper(self) -> None:
         if self._sweep_thread is None or not self._sweep_thread.is_alive():
@@ -245,7 +237,7 @@ class ReplqScheduler(Scheduler):
             self._sweep_thread.start()
 
     def _sweep_loop(self) -> None:
-        while not self._sweep_stop.wait(SWEEP_INTERVAL):
+        while not self._sweep_stop.wait(self.sweep_interval):
             if not self.ha.active:
                 continue
             try:

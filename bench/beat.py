@@ -37,7 +37,7 @@ from replq import dispatch, schedule  # noqa: E402
 from replq.app import make_app, queue_name  # noqa: E402
 from replq.model import Disk, Guest, Job, Node, Storage  # noqa: E402
 from replq.store import Store  # noqa: E402
-from tests.redisproc import RedisProcess  # noqa: E402
+from tests.support.redisproc import RedisProcess  # noqa: E402
 
 NODES = 100
 JOBS = 10_000

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from replq import schedule  # noqa: E402
 from replq.model import Disk, Guest, Job, Node, Storage  # noqa: E402
 from replq.store import Store  # noqa: E402
-from tests.redisproc import RedisProcess  # noqa: E402
+from tests.support.redisproc import RedisProcess  # noqa: E402
 
 STATUS_GOAL_S = 1.5
 DUE_GOAL_MS = 5.0

@@ -13,21 +13,18 @@ worker, beat or CLI process builds its app, never at import of this module by a 
 
 from __future__ import annotations
 
-import os
 import uuid
 from typing import Any
 
 from celery import Celery
 
 from replq import context
+from replq.settings import tunable
 
 QUEUE_PREFIX = "replq.node."
 DEFAULT_QUEUE = "replq.default"  # consumed by nobody: a message without a node queue is a bug, not work
 TASK_REPLICATE = "replq.replicate"
 TASK_REMOVE = "replq.remove_job"
-# A queued job that no worker took within this time is dropped by the worker that finally sees
-# it; the scheduler has enqueued it again by then (its queued marker expires just after this).
-ENQUEUE_EXPIRES = int(os.environ.get("REPLQ_ENQUEUE_EXPIRES", "3600"))
 # Early ack makes redelivery rare (only reserved-but-unstarted messages of a dead worker);
 # it must never happen to a running job, so the timeout is far longer than any run.
 VISIBILITY_TIMEOUT = 24 * 3600
@@ -94,6 +91,21 @@ def make_app(redis_url: str | None = None, node: str | None = None) -> Celery:
     return app
 
 
+def enqueue_expires() -> int:
+    return int(tunable("enqueue_expires"))
+
+
+def ping_worker(node: str, timeout: float = 2.0, redis_url: str | None = None, app: Celery | None = None) -> bool:
+    """True if the replq worker of `node` answers a Celery ping within `timeout`."""
+    own = app is None
+    app = app or make_app(redis_url)
+    try:
+        return bool(app.control.ping(destination=[worker_hostname(node)], timeout=timeout, limit=1))
+    finally:
+        if own:
+            app.close()
+
+
 def new_task_id(job_id: str) -> str:
     """Task ids name their job, so Flower, logs and `replq status` can be matched by eye."""
     return f"{job_id}.{uuid.uuid4().hex[:16]}"
@@ -114,7 +126,9 @@ def enqueue(app: Celery, task: str, job_id: str, node: str, task_id: str, force:
         exchange="",
         routing_key=queue_name(node),
         task_id=task_id,
-        expires=ENQUEUE_EXPIRES,
+        # A queued job that no worker took within this time is dropped by the worker that finally
+        # sees it; the scheduler has enqueued it again by then (its queued marker expires just after).
+        expires=enqueue_expires(),
         shadow=f"{task} {job_id}",  # Flower's task list shows the job id in the name column
         producer=producer,
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from replq.errors import ValidationError
+from replq.errors import CalendarError, ValidationError
 
 MIN_YEAR = 1970
 MAX_YEAR = 2199  # systemd's bound; also bounds the search for impossible dates like *-2-30
@@ -52,10 +52,6 @@ _FIELDS = {
 
 _ZERO: Chain = ((0, -1, 0),)
 _EVERY_SECOND: Chain = ((0, -1, 1),)  # systemd's '*' for seconds: matches whole seconds only
-
-
-class CalendarError(ValidationError):
-    """An expression that is not a valid calendar event (or an unknown time zone)."""
 
 
 # ---------------------------------------------------------------------------------------------

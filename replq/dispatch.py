@@ -13,7 +13,6 @@ Running is guarded separately by the per-job lock the worker holds for the whole
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -23,17 +22,16 @@ from typing import Any, TextIO
 import redis
 import redis.lock
 
-from replq.app import ENQUEUE_EXPIRES, TASK_REMOVE, TASK_REPLICATE, enqueue, new_task_id, worker_hostname
+from replq.app import TASK_REMOVE, TASK_REPLICATE, enqueue, enqueue_expires, make_app, new_task_id, ping_worker
 from replq.errors import NotFound, ReplqError
-from replq.output import human_bytes as _human
-from replq.output import progress_line
+from replq.output import human_bytes, progress_line
+from replq.settings import tunable
 from replq.store import JobRoute
 
-# The worker extends its job lock every JOB_LOCK_TTL/3; a dead worker's lock is gone after
-# JOB_LOCK_TTL and the scheduler then sees the interrupted attempt. Tests shorten it.
-JOB_LOCK_TTL = float(os.environ.get("REPLQ_JOB_LOCK_TTL", "60"))
-# The marker outlives the message by a little, so a marker never expires while its message can still run.
-QUEUED_TTL = ENQUEUE_EXPIRES + 5
+
+def queued_ttl() -> float:
+    """The marker outlives the message by a little, so it never expires while its message can still run."""
+    return enqueue_expires() + 5
 
 
 # ---- locks and markers (kept in the store; these name them for the runtime) ---------------------
@@ -46,13 +44,15 @@ def job_routes(store: Any, job_ids: Sequence[str]) -> list[Route]:
     return store.job_routes(job_ids)
 
 
-def job_lock(store: Any, job_id: str, ttl: float = JOB_LOCK_TTL) -> redis.lock.Lock:
-    return store.lock("job", job_id, ttl)
+def job_lock(store: Any, job_id: str, ttl: float | None = None) -> redis.lock.Lock:
+    """The per-job lock a worker holds for a whole run, renewed every third of its TTL: a dead
+    worker's lock is gone after job_lock_ttl and the beat's sweeper then sees the interrupted run."""
+    return store.lock("job", job_id, ttl or tunable("job_lock_ttl"))
 
 
-def claim(store: Any, job_ids: Sequence[str], ttl: float = QUEUED_TTL) -> dict[str, str]:
+def claim(store: Any, job_ids: Sequence[str], ttl: float | None = None) -> dict[str, str]:
     """Set the queued marker of each job that has none, in one round trip: {job_id: task_id} won."""
-    return store.claim_queued({j: new_task_id(j) for j in job_ids}, ttl)
+    return store.claim_queued({j: new_task_id(j) for j in job_ids}, ttl or queued_ttl())
 
 
 def clear_queued(store: Any, job_id: str, task_id: str) -> bool:
@@ -119,10 +119,9 @@ class Followed:
 
 def _worker_alive(app: Any, node: str, timeout: float = 2.0) -> bool:
     try:
-        replies = app.control.ping(destination=[worker_hostname(node)], timeout=timeout, limit=1)
+        return ping_worker(node, timeout, app=app)
     except Exception:  # noqa: BLE001 - no answer is the same as no worker for the caller
         return False
-    return bool(replies)
 
 
 def run_remote(store: Any, job_ids: Sequence[str] | None, wait: bool, out: TextIO | None = None,
@@ -130,8 +129,6 @@ def run_remote(store: Any, job_ids: Sequence[str] | None, wait: bool, out: TextI
     """`replq run [--id J] [--no-wait]`: enqueue the job(s) to the worker of the guest's node and,
     unless `wait` is False, follow them with a live progress line. Returns the exit code: 0 when
     every job succeeded (or, without wait, was queued), 1 otherwise."""
-    from replq.app import make_app
-
     out = out or sys.stdout
     ids = list(job_ids or store.due_jobs())
     if not ids:
@@ -220,8 +217,8 @@ def _check_done(store: Any, app: Any, f: Followed) -> None:
     except redis.exceptions.RedisError:
         return
     if state in ("PENDING", "RECEIVED", "STARTED", "RETRY"):
-        if state == "PENDING" and time.time() - f.started > ENQUEUE_EXPIRES + 10:
-            f.done, f.ok, f.message = True, False, f"not started within {ENQUEUE_EXPIRES} s (is the worker of " \
+        if state == "PENDING" and time.time() - f.started > enqueue_expires() + 10:
+            f.done, f.ok, f.message = True, False, f"not started within {enqueue_expires()} s (is the worker of " \
                                                    f"node '{f.node}' running?)"
         return
     f.done = True
@@ -229,7 +226,7 @@ def _check_done(store: Any, app: Any, f: Followed) -> None:
         r = res.result
         f.ok = bool(r.get("ok"))
         if f.ok:
-            f.message = f"OK (sent {_human(r.get('bytes'))} in {r.get('duration', 0):.1f} s)"
+            f.message = f"OK (sent {human_bytes(r.get('bytes'))} in {r.get('duration', 0):.1f} s)"
         else:
             f.message = f"{r.get('status', 'error')}: {r.get('error')}"
     elif state == "REVOKED":
@@ -252,4 +249,4 @@ def _progress_text(store: Any, f: Followed) -> str:
 
 
 __all__ = ["run_remote", "follow", "enqueue_routes", "job_routes", "claim", "clear_queued", "defer", "job_lock",
-           "Route", "Enqueued", "JOB_LOCK_TTL"]
+           "Route", "Enqueued"]

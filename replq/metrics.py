@@ -8,25 +8,21 @@ the numbers are as fresh as Redis, and one scrape costs three pipelined reads
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from replq.jobstate import STATES, state_name
+
 DEFAULT_PORT = 9737
-STATES = ("ok", "error", "syncing")
 LABELS = ("job", "guest", "target", "source")
-
-
-def job_state(state: Any) -> str:
-    """ok / error / syncing, as `replq status` shows them (a running job is syncing even after errors)."""
-    if state.worker or state.progress:
-        return "syncing"
-    if state.fail_count or state.error:
-        return "error"
-    return "ok"
 
 
 class JobCollector(Collector):
@@ -90,7 +86,7 @@ class JobCollector(Collector):
             g["duration"].add_metric(lv, state.duration or 0)
             g["bytes"].add_metric(lv, state.bytes or 0)
             g["enabled"].add_metric(lv, 0 if job.disable else 1)
-            current = job_state(state)
+            current = state_name(state)
             for s in STATES:
                 g["state"].add_metric([*lv, s], 1 if s == current else 0)
         jobs = GaugeMetricFamily("replq_jobs", "Number of replication jobs")
@@ -112,11 +108,6 @@ def registry_for(store_factory: Callable[[], Any]) -> CollectorRegistry:
 def serve(store_factory: Callable[[], Any], address: str, port: int,
           ready: Callable[[str, int], None] | None = None) -> None:
     """Serve /metrics (and a short index on /) until killed; blocks."""
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-    from prometheus_client import make_wsgi_app
-
     metrics_app = make_wsgi_app(registry_for(store_factory))
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
@@ -145,6 +136,4 @@ def serve(store_factory: Callable[[], Any], address: str, port: int,
 
 
 def _family(address: str) -> int:
-    import socket
-
     return socket.AF_INET6 if ":" in address else socket.AF_INET

@@ -9,9 +9,8 @@
   so a failure at any step leaves the guest usable where it was.
 - `guest_move()`: manual recovery of a guest stuck on a failed node (the seed's "move the guest
   configuration files"): refused while the old node answers (split brain), unless forced.
-- `lazy_switch()`: called by the engine when a job finds its guest on a node other than its
-  `source` (moved by `guest move` or an HA manager): the job switches direction and goes on
-  incrementally from the newest common replication snapshot (plan.choose_base).
+- the direction of the guest's jobs switches with the move (direction.py); a job whose guest
+  was moved by `guest move` or an HA manager switches at its next run (direction.lazy_switch).
 
 Job state lives in the cluster store, not on a node, so it moves with the guest by itself: a
 switched job keeps its last_sync and continues from that snapshot.
@@ -22,149 +21,30 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from replq import plan as planner
-from replq import ssh, zfs
+from replq import ssh, transfer, zfs
 from replq.context import ssh_key_path
-from replq.errors import Conflict, ReplqError, ServiceError
+from replq.direction import commit_switch
+from replq.errors import (
+    ConnectionLost,
+    HostKeyMismatch,
+    MigrationFailed,
+    MigrationRefused,
+    NodeUnreachable,
+    ReplqError,
+)
 from replq.locks import Heartbeat
-from replq.model import Job, check_node_name, check_vmid, job_id_sort_key, trusted
-from replq.store import GuestChange
+from replq.model import check_node_name, check_vmid
+from replq.replicate import Replication
+from replq.settings import tunable
 
-CHUNK = 1 << 20
 MIGRATE_SNAPSHOT = "__migrate_{epoch}__"
 PING_TIMEOUT = 2.0
 SSH_PROBE_TIMEOUT = 5.0
-
-
-class MigrationRefused(ReplqError):
-    """The migration or move cannot start; nothing was changed."""
-
-
-class MigrationFailed(ServiceError):
-    """A step failed; the guest stays where it was (what was started is undone)."""
-
-
-# ---------------------------------------------------------------------------------- switch
-
-
-def switched(job: Job, old: str | None, new: str) -> Job:
-    """The job after its guest moved from `old` to `new` (pure): a job that targeted `new` now
-    targets `old`; every job's source becomes `new`."""
-    cfg = job.config()
-    if job.target == new:
-        if not old or old == new:
-            raise Conflict(
-                f"replication job '{job.id}' targets node '{new}', where guest {job.guest} now lives, and the node "
-                "it came from is unknown: cannot switch its direction (delete the job and create it anew)"
-            )
-        cfg["target"] = old
-    cfg["source"] = new
-    return trusted(Job, **cfg)
-
-
-def _check_targets(vmid: int, new: str, jobs: dict[str, Job]) -> None:
-    seen: dict[str, str] = {}
-    for j in sorted(jobs, key=job_id_sort_key):
-        t = jobs[j].target
-        if t == new:
-            raise Conflict(f"replication job '{j}' would target node '{new}', where guest {vmid} lives")
-        if t in seen:
-            raise Conflict(f"cannot switch the direction of replication job '{j}': job '{seen[t]}' of guest {vmid} "
-                           f"already targets node '{t}'")  # fmt: skip
-        seen[t] = j
-
-
-def commit_switch(store: Any, vmid: int, new: str, *, move_from: str | None = None, only: Sequence[str] | None = None,
-                  fallback_old: str | None = None) -> list[tuple[Job, Job]]:  # fmt: skip
-    """Switch the direction of the guest's jobs (all, or `only` these) to source `new`, and with
-    `move_from` move the guest record from that node to `new` in the same transaction.
-
-    Returns (before, after) of each job that changed. The decision is made here (pure, on what
-    the store read under WATCH); the store writes it atomically.
-    """
-
-    def decide(guest: Any, jobs: dict[str, Job]) -> GuestChange:
-        if move_from is not None:
-            if guest.node != move_from:
-                raise Conflict(f"guest {vmid} moved meanwhile: it lives on node '{guest.node}' now")
-        elif guest.node != new:
-            raise Conflict(f"guest {vmid} lives on node '{guest.node}', not '{new}'")
-        changes = []
-        for j, job in jobs.items():
-            if only is not None and j not in only:
-                continue
-            if move_from is None and job.source == new and job.target != new:
-                continue  # switched already (a concurrent run)
-            after = switched(job, move_from or job.source or fallback_old, new)
-            if after.config() != job.config():
-                changes.append((job, after))
-        final = {**jobs, **{after.id: after for _, after in changes}}
-        if only is None:
-            _check_targets(vmid, new, final)
-        else:  # the other jobs switch at their own runs (one may still target `new`): ours must not collide
-            taken = {x.target: j for j, x in final.items() if j not in only}
-            for _, after in changes:
-                if after.target in taken:
-                    raise Conflict(f"cannot switch the direction of replication job '{after.id}': job "
-                                   f"'{taken[after.target]}' of guest {vmid} already targets node '{after.target}'")
-        return GuestChange(new if move_from is not None else None, [after for _, after in changes], changes)
-
-    return store.change_guest_and_jobs(vmid, decide)
-
-
-def lazy_switch(store: Any, job: Job, guest: Any, persist: bool = True) -> tuple[Job, str | None]:
-    """The engine's check before a run on the guest's node: when the guest lives elsewhere than the
-    job's source (or on its target), switch the job's direction. Returns (job, log message or None).
-    With persist=False (dry run) the switched job is only computed."""
-    new = guest.node
-    if job.target != new and job.source in (None, new):
-        return job, None  # the common case: nothing moved (an unset source is filled by the run)
-    # The node the guest came from: the job's source, else where it last ran.
-    old = job.source or store.get_state(job.id).last_node
-    if old == new:
-        old = None
-    if not persist:
-        after = switched(job, old, new)
-    else:
-        changes = commit_switch(store, guest.vmid, new, only=[job.id], fallback_old=old)
-        if not changes:
-            return store.get_job(job.id), None
-        after = changes[0][1]
-    note = (f"guest {guest.vmid} moved from node '{old or job.source}' to '{new}': job switched direction, "
-            f"now {new} => {after.target}")  # fmt: skip
-    return after, note
-
-
-def held_bases(store: Any, vmid: int, job_id: str, listing: dict[str, Sequence[planner.Snapshot]]
-               ) -> dict[tuple[str, str], str]:  # fmt: skip
-    """Source snapshots that another job of the guest still needs as its base: {(dataset, name): job}.
-
-    After a move, a job that has not synced from this node yet (its last_sync snapshot is not
-    here) goes on from the newest replication snapshot here that is not newer than its last sync:
-    its target received that one with the last sync's -R stream. Deleting it (say, the first job
-    to run after the move cleaning up its previous snapshot) would leave that job without a common
-    base, so it is kept until the job has synced from here. One snapshot per such job and volume.
-    """
-    out: dict[tuple[str, str], str] = {}
-    for other in store.list_jobs(vmid):
-        if other.id == job_id or other.remove_job:
-            continue
-        last = int(store.get_state(other.id).last_sync or 0)
-        if not last:
-            continue
-        own = planner.snapshot_name(other.id, last)
-        for ds, snaps in listing.items():
-            if any(s.name == own for s in snaps):
-                continue  # synced from here: its own snapshot is its base
-            older = [s for s in snaps if s.replication is not None and s.creation <= last]
-            if older:
-                best = max(older, key=lambda s: (s.creation, (s.replication or ("", 0))[1]))
-                out[(ds, best.name)] = other.id
-    return out
 
 
 # ---------------------------------------------------------------------------------- locks
@@ -183,18 +63,17 @@ def guest_locks(store: Any, vmid: int, what: str) -> Iterator[threading.Event]:
     """The migrate lock and the guest lock, extended by a heartbeat: no job of the guest starts
     (beat skips a locked guest; the engine refuses) while the guest is migrated or moved.
     Yields an event that is set if the locks were lost meanwhile: the guest must not move then."""
-    from replq.replicate import LOCK_TTL
-
-    mlock = store.lock("migrate", vmid, LOCK_TTL)
+    ttl = tunable("guest_lock_ttl")
+    mlock = store.lock("migrate", vmid, ttl)
     if not mlock.acquire(blocking=False):
         raise MigrationRefused(f"cannot {what} guest {vmid}: a migration of it is already running")
-    glock = store.lock("guest", vmid, LOCK_TTL)
+    glock = store.lock("guest", vmid, ttl)
     if not glock.acquire(blocking=False):
         with contextlib.suppress(Exception):
             mlock.release()
         raise MigrationRefused(f"cannot {what} guest {vmid}: {_running(store, vmid)}; try again when it has finished "
-                               f"(the lock of a dead node expires within {LOCK_TTL:.0f} s)")  # fmt: skip
-    with Heartbeat([mlock, glock], LOCK_TTL, name=f"migrate-lock-{vmid}") as beat:
+                               f"(the lock of a dead node expires within {ttl:.0f} s)")  # fmt: skip
+    with Heartbeat([mlock, glock], ttl, name=f"migrate-lock-{vmid}") as beat:
         yield beat.lost
 
 
@@ -238,9 +117,7 @@ def _local_volumes(guest: Any, storages: dict[str, Any], target: str, what: str 
 def _send_full(conn: ssh.Connection, node: str, dataset: str, snap: str) -> int:
     """`zfs send -Rp dataset@snap` here into `zfs recv dataset` on the connected node (no -F:
     it never overwrites), through the engine's send pipeline."""
-    from replq.replicate import send_stream
-
-    sent, _ = send_stream(conn, zfs.send_argv(dataset, snap), zfs.recv_argv(dataset, incremental=False),
+    sent, _ = transfer.send_stream(conn, zfs.send_argv(dataset, snap), zfs.recv_argv(dataset, incremental=False),
                           source=node, dataset=dataset)
     return sent
 
@@ -265,8 +142,6 @@ def connect(store: Any, name: str, key_path: Any = None, timeout: float | None =
 def migrate(store: Any, vmid: int | str, target: str, node: str, *, echo: Callable[[str], None] | None = None,
             key_path: Any = None) -> MigrateResult:  # fmt: skip
     """Offline migration of guest `vmid` to `target`, run on `node`, the node holding the guest."""
-    from replq.replicate import Replication
-
     t0 = time.monotonic()
     vmid, target = check_vmid(vmid), check_node_name(target, "target node name")
     say = echo or (lambda _line: None)
@@ -299,7 +174,7 @@ def migrate(store: Any, vmid: int | str, target: str, node: str, *, echo: Callab
     with guest_locks(store, vmid, "migrate") as lock_lost:
         try:
             conn = connect(store, target, key_path)
-        except (ssh.NodeUnreachable, ssh.ConnectionLost, ssh.HostKeyMismatch) as exc:
+        except (NodeUnreachable, ConnectionLost, HostKeyMismatch) as exc:
             raise MigrationRefused(f"cannot migrate guest {vmid}: target {exc}") from None
         remote = zfs.Zfs(conn, side="target")
         local = zfs.Zfs(zfs.LocalRunner(node=node), side="source")
@@ -386,22 +261,20 @@ def _copy_and_move(store: Any, res: MigrateResult, copy: list[planner.Volume], l
 def node_answers(store: Any, name: str, redis_url: str | None = None, key_path: Any = None) -> str | None:
     """Why node `name` is considered alive, or None when it does not answer: its replq worker
     replies to a Celery ping, or (no worker) its SSH server accepts our login."""
-    from replq.app import make_app, worker_hostname
+    # Celery costs ~0.3 s to import: only a guest move needs it here.
+    from replq.app import ping_worker, worker_hostname
 
-    app = make_app(redis_url)
     try:
-        replies = app.control.ping(destination=[worker_hostname(name)], timeout=PING_TIMEOUT, limit=1)
+        answers = ping_worker(name, PING_TIMEOUT, redis_url)
     except Exception as exc:  # noqa: BLE001 - cannot ask: do not assume the node is dead
         return f"its worker could not be asked ({exc.__class__.__name__}: {exc})"
-    finally:
-        app.close()
-    if replies:
+    if answers:
         return f"its replq worker '{worker_hostname(name)}' answers a ping"
     try:
         conn = connect(store, name, key_path, timeout=SSH_PROBE_TIMEOUT)
-    except ssh.HostKeyMismatch:
+    except HostKeyMismatch:
         return "no worker answers, but something answers SSH at its address (with another host key)"
-    except (ssh.NodeUnreachable, ssh.ConnectionLost):
+    except (NodeUnreachable, ConnectionLost):
         return None
     conn.close()
     return f"no worker answers, but its SSH server ({conn.host}:{conn.port}) does"
@@ -458,7 +331,7 @@ def _check_replicas(store: Any, guest: Any, to: str, key_path: Any) -> None:
         return
     try:
         conn = connect(store, to, key_path, timeout=SSH_PROBE_TIMEOUT)
-    except (ssh.NodeUnreachable, ssh.ConnectionLost, ssh.HostKeyMismatch) as exc:
+    except (NodeUnreachable, ConnectionLost, HostKeyMismatch) as exc:
         raise MigrationRefused(f"cannot check the replicas of guest {guest.vmid}: {exc} (--force skips the check)") \
             from None
     try:
@@ -471,5 +344,5 @@ def _check_replicas(store: Any, guest: Any, to: str, key_path: Any) -> None:
                                "(no replication job to it?); --force moves it anyway")  # fmt: skip
 
 
-__all__ = ["migrate", "guest_move", "lazy_switch", "commit_switch", "switched", "node_answers", "MigrateResult",
-           "MoveResult", "MigrationRefused", "MigrationFailed"]
+__all__ = ["migrate", "guest_move", "node_answers", "MigrateResult", "MoveResult", "MigrationRefused",
+           "MigrationFailed"]

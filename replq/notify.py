@@ -29,6 +29,9 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any
+from urllib.parse import urlsplit
+
+from replq.settings import SETTINGS
 
 log = logging.getLogger("replq.notify")
 
@@ -49,8 +52,9 @@ def _with_env(settings: dict[str, Any]) -> dict[str, Any]:
     """Cluster settings win; a worker's environment (e.g. /etc/replq/replq.env) fills the gaps."""
     out = dict(settings)
     for key in ("notify_command", "notify_url", "notify_every"):
-        if out.get(key) in (None, "", []):
-            value = os.environ.get(f"REPLQ_{key.upper()}")
+        env = SETTINGS[key].env
+        if out.get(key) in (None, "", []) and env:
+            value = os.environ.get(env)
             if value:
                 out[key] = value
     return out
@@ -182,8 +186,6 @@ def post_webhook(url: str, facts: dict[str, Any], timeout: float = WEBHOOK_TIMEO
 
 def _redact(url: str) -> str:
     """The URL without credentials or query (a webhook URL often embeds a token)."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""

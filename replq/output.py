@@ -45,9 +45,11 @@ def progress_line(p: dict) -> str:
     return text
 
 
-def human_bytes(n: Any) -> str:
-    """Binary units, as operators read transfer sizes."""
-    size = float(n or 0)
+def human_bytes(n: Any, unknown: str = "unknown") -> str:
+    """Binary units, as operators read transfer sizes; None (not known) says `unknown`."""
+    if n is None:
+        return unknown
+    size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"

@@ -9,116 +9,29 @@ not a common base.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from replq.errors import ReplqError
-
-SNAPSHOT_PREFIX = "__replicate_"
-JOB_ID_RE = r"[1-9][0-9]{2,8}-(?:0|[1-9][0-9]{0,8})"
-_SNAPSHOT_RE = re.compile(rf"^__replicate_(?P<job>{JOB_ID_RE})_(?P<epoch>0|[1-9][0-9]*)__$")
-# Proxmox volume names: the vmid in the name tells which guest a dataset belongs to.
-_VOLNAME_RE = re.compile(r"^(?:vm|subvol|base|basevol)-(?P<vmid>[1-9][0-9]*)-[A-Za-z0-9._:+-]+$")
-
-
-# ---------------------------------------------------------------------------------- names
-
-
-def snapshot_name(job_id: str, epoch: int) -> str:
-    """`__replicate_<job>_<epoch>__`, the only name replq gives its snapshots."""
-    if not re.fullmatch(JOB_ID_RE, job_id):
-        raise ValueError(f"invalid job id {job_id!r}")
-    return f"{SNAPSHOT_PREFIX}{job_id}_{int(epoch)}__"
-
-
-def parse_snapshot_name(name: str) -> tuple[str, int] | None:
-    """(job id, epoch) of a replication snapshot name (the part after '@'), else None."""
-    m = _SNAPSHOT_RE.match(name)
-    if not m:
-        return None
-    return m.group("job"), int(m.group("epoch"))
-
-
-def is_job_snapshot(name: str, job_id: str) -> bool:
-    parsed = parse_snapshot_name(name)
-    return parsed is not None and parsed[0] == job_id
-
-
-def volname_vmid(volname: str) -> int | None:
-    """The guest a Proxmox volume name belongs to (`subvol-100-disk-0` → 100)."""
-    m = _VOLNAME_RE.match(volname)
-    return int(m.group("vmid")) if m else None
-
-
-# ---------------------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True, order=True)
-class Snapshot:
-    """One snapshot of a dataset: `name` is the part after '@'."""
-
-    name: str
-    guid: int
-    creation: int
-
-    @property
-    def replication(self) -> tuple[str, int] | None:
-        return parse_snapshot_name(self.name)
-
-
-@dataclass(frozen=True)
-class Volume:
-    """A replicatable volume of the guest: `local-zfs:subvol-100-disk-0` → `rpool/data/subvol-100-disk-0`."""
-
-    volid: str
-    storage: str
-    pool: str
-    volname: str
-
-    @property
-    def dataset(self) -> str:
-        return f"{self.pool}/{self.volname}"
-
+from replq.errors import (
+    LocalFileVolume,
+    NoCommonBase,
+    NoReplicatableVolumes,
+    SnapshotExists,
+    SourceVolumeMissing,
+)
+from replq.model import (  # noqa: F401 - the snapshot names are the plan's vocabulary too
+    SNAPSHOT_PREFIX,
+    Snapshot,
+    Volume,
+    is_job_snapshot,
+    parse_snapshot_name,
+    snapshot_name,
+    volname_vmid,
+)
 
 # Listing of one side: dataset name → its snapshots (an existing dataset without snapshots
 # maps to an empty list; a missing dataset is absent).
 Listing = Mapping[str, Sequence[Snapshot]]
-
-
-# ---------------------------------------------------------------------------------- errors
-
-
-class PlanError(ReplqError):
-    """The run must stop before changing anything."""
-
-
-class NoCommonBase(PlanError):
-    def __init__(self, volumes: Sequence[str]) -> None:
-        self.volumes = list(volumes)
-        super().__init__(f"No common base snapshot on volume(s) {', '.join(self.volumes)}")
-
-
-class LocalFileVolume(PlanError):
-    def __init__(self, volid: str) -> None:
-        self.volid = volid
-        super().__init__(f"unable to replicate local file/device '{volid}'")
-
-
-class NoReplicatableVolumes(PlanError):
-    def __init__(self) -> None:
-        super().__init__("No replicatable volumes found")
-
-
-class SourceVolumeMissing(PlanError):
-    def __init__(self, volumes: Sequence[str]) -> None:
-        self.volumes = list(volumes)
-        super().__init__(f"volume(s) {', '.join(self.volumes)} do not exist on the source node")
-
-
-class SnapshotExists(PlanError):
-    def __init__(self, dataset: str, name: str) -> None:
-        super().__init__(f"snapshot '{dataset}@{name}' already exists")
 
 
 # ---------------------------------------------------------------------------------- volumes
@@ -326,3 +239,28 @@ def make_plan(
         remove_target_volumes=sorted(unwanted(target)),
         cleanup_source_other=unwanted(source),
     )
+
+
+def held_bases(others: Iterable[tuple[str, int]], listing: Listing) -> dict[tuple[str, str], str]:
+    """Source snapshots that another job of the guest still needs as its base: {(dataset, name): job}.
+
+    `others` are the guest's other jobs (not being removed) with their last_sync. After a move, a
+    job that has not synced from this node yet (its last_sync snapshot is not here) goes on from
+    the newest replication snapshot here that is not newer than its last sync: its target
+    received that one with the last sync's -R stream. Deleting it (say, the first job to run
+    after the move cleaning up its previous snapshot) would leave that job without a common base,
+    so it is kept until the job has synced from here. One snapshot per such job and volume.
+    """
+    out: dict[tuple[str, str], str] = {}
+    for other, last in others:
+        if not last:
+            continue
+        own = snapshot_name(other, last)
+        for ds, snaps in listing.items():
+            if any(s.name == own for s in snaps):
+                continue  # synced from here: its own snapshot is its base
+            older = [s for s in snaps if s.replication is not None and s.creation <= last]
+            if older:
+                best = max(older, key=lambda s: (s.creation, (s.replication or ("", 0))[1]))
+                out[(ds, best.name)] = other
+    return out

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from replq.calendar import next_event_epoch
 from replq.model import Job, JobState
-
-DEFAULT_RETRY_INTERVAL = 1800
+from replq.settings import DEFAULT_RETRY_INTERVAL
 
 
 def next_sync(job: Job, state: JobState, retry_interval: float | dict, tz: str, now: float) -> float | None:
@@ -29,6 +29,4 @@ def next_sync(job: Job, state: JobState, retry_interval: float | dict, tz: str, 
         return state.last_try + retry_interval
     if not state.last_try:
         return now
-    from replq.calendar import next_event_epoch
-
     return next_event_epoch(job.schedule, state.last_try, tz)

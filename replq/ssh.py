@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import shlex
 import socket
 import threading
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import paramiko
 
-from replq.errors import ReplqError, ServiceError
+from replq.errors import ConnectionLost, HostKeyMismatch, NodeUnreachable, RemoteExited
 
 CONNECT_TIMEOUT = 15.0
 IO_TIMEOUT = 60.0  # no progress on a stream for this long: the peer is dead or stuck
@@ -37,25 +38,16 @@ NO_REKEY = 2**62  # effectively never: see the module docstring
 GCM_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
-class HostKeyMismatch(ReplqError):
-    """The target's host key differs from the pinned one: refuse (possible impersonation)."""
-
-    retryable = False
-
-
-class NodeUnreachable(ServiceError):
-    """Cannot reach or log in to the node (network down, sshd stopped, bad credentials)."""
-
-
-class ConnectionLost(ServiceError):
-    """An established SSH connection broke or stalled."""
-
-
 @dataclass
 class CommandResult:
     returncode: int
     stdout: str
     stderr: str
+
+
+def remote_command(argv: Sequence[str]) -> str:
+    """The command string for an SSH exec: each word quoted, so the remote shell sees exactly argv."""
+    return shlex.join(argv)
 
 
 def fingerprint(key_blob: bytes) -> str:
@@ -205,8 +197,6 @@ class Connection:
 
     def run(self, argv: Sequence[str], timeout: float | None = None, stdin: bytes | None = None) -> CommandResult:
         """Run argv on the node (words quoted for the remote shell); collect output and status."""
-        from replq.zfs import remote_command
-
         chan = self._channel()
         timeout = timeout or COMMAND_TIMEOUT
         try:
@@ -239,8 +229,6 @@ class Connection:
 
     def open_stream(self, argv: Sequence[str]) -> Stream:
         """Start argv on the node with its stdin fed by `Stream.write`."""
-        from replq.zfs import remote_command
-
         chan = self._channel()
         try:
             chan.exec_command(remote_command(argv))
@@ -248,10 +236,6 @@ class Connection:
             chan.close()
             raise ConnectionLost(f"connection to {self.where} lost: {exc}") from None
         return Stream(self, chan)
-
-
-class RemoteExited(ServiceError):
-    """The remote command ended (and stopped reading) while we were still sending."""
 
 
 class Stream:
@@ -356,3 +340,32 @@ def connect_node(node: object, key_path: str | Path, **kw: object) -> Connection
         **kw,  # type: ignore[arg-type]
     )
     return conn.connect()
+
+
+# Host key types `node add` pins, best first (RSA is negotiated under its signature names).
+FETCH_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                   "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
+
+
+def fetch_host_key(host: str, port: int, timeout: float = 10.0) -> str:
+    """The SSH server's host key as `TYPE BASE64`, preferring ed25519 (what `node add` pins).
+
+    Only the key exchange is done: no authentication, nothing trusted yet; the operator
+    compares the fingerprint shown.
+    """
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise NodeUnreachable(f"cannot fetch the host key of {host}:{port}: {exc.strerror or exc}") from None
+    transport = paramiko.Transport(sock)
+    try:
+        opts = transport.get_security_options()
+        opts.key_types = [k for k in FETCH_KEY_TYPES if k in opts.key_types]
+        transport.start_client(timeout=timeout)
+        key = transport.get_remote_server_key()
+        ktype = "ssh-rsa" if key.get_name().startswith("rsa-sha2") else key.get_name()
+        return f"{ktype} {key.get_base64()}"
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        raise NodeUnreachable(f"cannot fetch the host key of {host}:{port}: {exc}") from None
+    finally:
+        transport.close()

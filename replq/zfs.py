@@ -1,8 +1,8 @@
 """The one door to `zfs`: command lines, output parsing, error mapping, feature detection.
 
 Every zfs command replq runs is built here as an argv list from validated names (never a
-shell string); a command for another node is the same argv, joined with shlex.quote by the
-SSH exec (`remote_command`). Output is parsed from `zfs get -Hp`, which works on zfs-fuse
+shell string); a command for another node is the same argv, each word quoted by the SSH
+exec (ssh.py). Output is parsed from `zfs get -Hp`, which works on zfs-fuse
 (pool version 23: its `zfs list` has no -p and prints guids as "2.04E") as well as on
 OpenZFS. Error text is mapped to typed errors with operator-facing messages.
 """
@@ -10,15 +10,26 @@ OpenZFS. Error text is mapped to typed errors with operator-facing messages.
 from __future__ import annotations
 
 import re
-import shlex
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from replq.errors import ServiceError, ValidationError
-from replq.plan import Snapshot
+from replq.errors import (
+    DatasetBusy,
+    DatasetExists,
+    DatasetNotFound,
+    NoSpace,
+    ServiceError,
+    StreamBroken,
+    TargetModified,
+    Unsupported,
+    ValidationError,
+    ZfsError,
+    ZfsUnavailable,
+)
+from replq.model import Snapshot
 
 ZFS = "zfs"
 # ZFS component names: alphanumerics and _ - . : ; never starting with '-' (it would read as
@@ -48,11 +59,6 @@ def validate_snapname(name: str) -> str:
 def snapshot_ref(dataset: str, snap: str) -> str:
     """`dataset@snap`, both parts validated."""
     return f"{validate_dataset(dataset)}@{validate_snapname(snap)}"
-
-
-def remote_command(argv: Sequence[str]) -> str:
-    """The command string for an SSH exec: each word quoted, so the remote shell sees argv."""
-    return shlex.join(argv)
 
 
 # ---------------------------------------------------------------------------------- argv
@@ -191,52 +197,6 @@ def _int(value: str | None, name: str) -> int:
 
 
 # ---------------------------------------------------------------------------------- errors
-
-
-class ZfsError(ServiceError):
-    """A zfs command failed; the message is the operator's view, `detail` the zfs text."""
-
-    retryable = False
-
-    def __init__(self, message: str, detail: str = "") -> None:
-        super().__init__(message)
-        self.detail = detail
-
-
-class NoSpace(ZfsError):
-    """The pool is full: an operator must free space; retrying alone will not help."""
-
-
-class DatasetBusy(ZfsError):
-    retryable = True
-
-
-class DatasetNotFound(ZfsError):
-    pass
-
-
-class DatasetExists(ZfsError):
-    pass
-
-
-class TargetModified(ZfsError):
-    retryable = True
-
-
-class StreamBroken(ZfsError):
-    """The send stream ended early or was corrupted (sender killed, connection lost)."""
-
-    retryable = True
-
-
-class ZfsUnavailable(ZfsError):
-    """The zfs service (kernel module / zfs-fuse daemon) is not answering."""
-
-    retryable = True
-
-
-class Unsupported(ZfsError):
-    pass
 
 
 _ERROR_PATTERNS: list[tuple[re.Pattern[str], type[ZfsError]]] = [

@@ -1,4 +1,12 @@
-"""Shared fixtures: a private redis-server per test session (never the machine's :6379)."""
+"""Shared fixtures and the test tiers.
+
+    tests/unit/     pure modules and the CLI without services          (marker: unit)
+    tests/redis/    against a real redis-server (and local sshd, Celery workers)  (marker: redis)
+    tests/cluster/  on the sandbox cluster: real zfs-fuse, sshd, Redis, workers   (marker: sandbox)
+
+Markers are applied per folder, so `pytest -m unit` runs the fast tier alone. Every test
+that needs Redis gets a private redis-server (never the machine's :6379).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +19,23 @@ import pytest
 import redis
 
 from replq.sandbox import Sandbox
-from tests.redisproc import RedisProcess
+from tests.support.cluster import sandbox_available
+from tests.support.redisproc import RedisProcess
 
 # Set before any fixture runs (session fixtures come first): a sandbox started by the tests
 # must never replace the pointer to a developer's own sandbox.
 os.environ["REPLQ_STATE_DIR"] = tempfile.mkdtemp(prefix="replq-test-state-")
 os.environ.pop("REPLQ_SANDBOX_DIR", None)
+
+TIERS = {"unit": "unit", "redis": "redis", "cluster": "sandbox"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        tier = Path(item.fspath).relative_to(here).parts[0]
+        if tier in TIERS:
+            item.add_marker(TIERS[tier])
 
 
 @pytest.fixture(autouse=True)
@@ -44,15 +63,12 @@ def redis_url(redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch) -> st
     return redis_server.url
 
 
-def sandbox_available() -> bool:
-    return os.geteuid() == 0 and Path("/dev/fuse").exists() and Path("/usr/sbin/zfs-fuse").exists()
-
-
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """A 3-node sandbox cluster shared by the session (no Celery services), taken down at the end.
 
-    Tests that stop a node start it again; tests name their guests and datasets uniquely.
+    Tests that stop a node start it again; each module names its guests from its own VMID range
+    (tests/support/cluster.py).
     """
     if not sandbox_available():
         pytest.fail("the sandbox needs root, /dev/fuse and zfs-fuse (run scripts/setup.sh)")

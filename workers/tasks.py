@@ -9,7 +9,7 @@
 3. refuse what is not this node's (the guest moved: the scheduler routes it anew) or no longer
    due (a stale message), unless the run was asked for by hand (`force`);
 4. run the engine (which takes the guest lock and records state, log and progress);
-5. on failure, call the notification hook (replq.notify, when installed).
+5. on failure, call the notification hook (replq.notify).
 
 A run is cancelled cleanly — the `zfs send` process group killed, the target rolled back, the
 failure recorded — when the task is revoked with terminate (SIGTERM to the pool process) or the
@@ -19,7 +19,6 @@ worker is asked to stop (the main process sends SIGUSR2 to its pool processes).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -31,10 +30,14 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_process_init
 
-from replq import context, dispatch
+from replq import context, dispatch, jobstate, notify, procs
 from replq.app import TASK_REMOVE, TASK_REPLICATE
-from replq.errors import NotFound, ReplqError
+from replq.errors import GuestLocked, NotFound, ReplqError
 from replq.locks import Heartbeat
+from replq.removal import remove_job as run_removal
+from replq.replicate import run_job
+from replq.settings import tunable
+from replq.store import Store
 
 log = logging.getLogger("replq.worker")
 
@@ -48,8 +51,6 @@ _stores: dict[str, Any] = {}
 
 def _store(app: Any) -> Any:
     """One store (connection pool) per pool process; created after the fork."""
-    from replq.store import Store
-
     url = app.conf.get("replq_redis_url") or context.redis_url()
     if url not in _stores:
         _stores[url] = Store.from_url(url)
@@ -58,21 +59,6 @@ def _store(app: Any) -> Any:
 
 def _node(app: Any) -> str:
     return app.conf.get("replq_node") or context.local_node()
-
-
-def _notify_failed(store: Any, job_id: str) -> None:
-    """The failure hook lives in replq.notify (optional module); its errors never fail the task."""
-    try:
-        notify = importlib.import_module("replq.notify")
-    except ImportError:
-        return
-    hook = getattr(notify, "job_failed", None)
-    if hook is None:
-        return
-    try:
-        hook(store, job_id)
-    except Exception:  # noqa: BLE001 - a broken hook must not turn into a task error
-        log.exception("failure notification for job %s failed", job_id)
 
 
 # ---- cancellation of the running job ------------------------------------------------------------
@@ -88,29 +74,12 @@ class RunControl:
 _current: RunControl | None = None
 
 
-def _child_groups() -> list[int]:
-    """Process groups led by our direct children: the engine starts `zfs send` in its own session."""
-    me = os.getpid()
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = open(f"/proc/{entry}/stat").read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == me and int(fields[2]) == int(entry):
-            out.append(int(entry))
-    return out
-
-
 def _kill_children_later(ctl: RunControl) -> None:
     def killer() -> None:
         if ctl.cancel.wait(0) and _current is ctl:
             time.sleep(KILL_AFTER)
             if _current is ctl:
-                for pgid in _child_groups():
+                for pgid in procs.child_group_leaders(os.getpid()):
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(pgid, signal.SIGKILL)
 
@@ -144,8 +113,9 @@ class JobLock:
     run: another worker may take the job now, and two runs must never overlap."""
 
     def __init__(self, store: Any, job_id: str, on_lost: Any) -> None:
-        self.lock = dispatch.job_lock(store, job_id)
-        self.heartbeat = Heartbeat([self.lock], dispatch.JOB_LOCK_TTL, on_lost=on_lost, name="job-lock")
+        ttl = tunable("job_lock_ttl")
+        self.lock = dispatch.job_lock(store, job_id, ttl)
+        self.heartbeat = Heartbeat([self.lock], ttl, on_lost=on_lost, name="job-lock")
 
     def acquire(self) -> bool:
         if not self.lock.acquire(blocking=False):
@@ -219,7 +189,6 @@ def _run_guarded(task: Any, job_id: str, force: bool, body: Any) -> dict[str, An
 @shared_task(bind=True, name=TASK_REPLICATE)
 def replicate(self: Any, job_id: str, force: bool = False) -> dict[str, Any]:
     """Run replication job `job_id` on this node (the argument is the job id, shown in Flower)."""
-    from replq.replicate import GuestLocked, log_line, run_job
 
     def body(store: Any, node: str, ctl: RunControl, job: Any) -> dict[str, Any]:
         if job.remove_job:
@@ -236,54 +205,28 @@ def replicate(self: Any, job_id: str, force: bool = False) -> dict[str, Any]:
             # just reports it; a scheduled one records a failed attempt, so the job waits
             # retry_interval in error state instead of being queued again every second.
             if not force:
-                _record_refusal(store, job_id, node, str(exc), log_line)
-                _notify_failed(store, job_id)
+                jobstate.record_refusal(store, job_id, node, str(exc))
+                notify.job_failed(store, job_id)
             return _result(job_id, "refused", error=str(exc))
         if ctl.reason and not res.ok:
-            with contextlib.suppress(Exception):
-                store.append_log(job_id, log_line(job_id, f"run cancelled: {ctl.reason}"))
+            jobstate.log(store, job_id, f"run cancelled: {ctl.reason}")
         if not res.ok:
-            _notify_failed(store, job_id)
+            notify.job_failed(store, job_id)
         return _result(job_id, "ok" if res.ok else "failed", ok=res.ok, error=res.error, bytes=res.bytes,
                        duration=res.duration, start=res.start)
 
     return _run_guarded(self, job_id, force, body)
 
 
-def _record_refusal(store: Any, job_id: str, node: str, error: str, log_line: Any) -> None:
-    start = int(time.time())
-    fails = int(store.get_state(job_id).fail_count or 0) + 1
-    store.clear_log(job_id)
-    store.append_log(job_id, log_line(job_id, "start replication job", start))
-    store.append_log(job_id, log_line(job_id, f"end replication job with error: {error}"))
-    store.update_state(job_id, last_try=start, last_node=node, fail_count=fails, error=error)
-
-
-def _removal_impl() -> Any:
-    """The engine's cleanup of a job marked remove_job (SPEC §7): replicate.remove_job(store, job_id,
-    node, **kw), which deletes the job when done; None with an engine that has none."""
-    from replq import replicate
-
-    return getattr(replicate, "remove_job", None)
-
-
 def _remove(task: Any, store: Any, node: str, ctl: RunControl, job_id: str, force: bool) -> dict[str, Any]:
-    impl = _removal_impl()
-    if impl is None:
-        retry = float(store.get_settings().get("retry_interval", 1800))
-        if not force:
-            dispatch.defer(store, job_id, task.request.id, retry)
-        return _result(job_id, "pending", error="job removal is pending: this replq has no removal cleanup yet "
-                                                 "(use 'replq delete --force' to drop the job without cleanup)")
     worker = f"{task.request.hostname or node}:{os.getpid()}"
     try:
-        res = impl(store, job_id, node, worker=worker, task_id=task.request.id, cancel=ctl.cancel)
+        res = run_removal(store, job_id, node, worker=worker, task_id=task.request.id, cancel=ctl.cancel)
     except ReplqError as exc:
         return _result(job_id, "failed", error=str(exc))
-    ok = bool(getattr(res, "ok", True))
-    if not ok:
-        _notify_failed(store, job_id)
-    return _result(job_id, "removed" if ok else "failed", ok=ok, error=getattr(res, "error", None))
+    if not res.ok:
+        notify.job_failed(store, job_id)
+    return _result(job_id, "removed" if res.ok else "failed", ok=res.ok, error=res.error)
 
 
 @shared_task(bind=True, name=TASK_REMOVE)

@@ -1,0 +1,78 @@
+"""replq commands: cluster settings, and replication.cfg export/import (Proxmox's format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from replq.cfgfile import export_jobs, parse
+from replq.cli.base import Env, emit, output_option, pass_env
+from replq.errors import Conflict, ValidationError
+from replq.model import job_id_sort_key, show
+from replq.output import table
+
+
+# ---- settings -----------------------------------------------------------------------------
+@click.group("settings")
+def settings_group() -> None:
+    """Cluster settings (retry_interval, timezone)."""
+
+
+@settings_group.command("show")
+@output_option
+@pass_env
+def settings_show(env: Env, output_format: str) -> None:
+    """Show the cluster settings."""
+    s = env.store().get_settings()
+    emit(s, output_format, lambda: table(["key", "value"], sorted(s.items())))
+
+
+@settings_group.command("set", context_settings={"ignore_unknown_options": True})  # VALUE may be "-5"
+@click.argument("key")
+@click.argument("value")
+@pass_env
+def settings_set(env: Env, key: str, value: str) -> None:
+    """Set a cluster setting: retry_interval (s, default 1800), timezone (e.g. Europe/Vienna)."""
+    env.store().set_setting(key, value)
+
+
+# ---- config -------------------------------------------------------------------------------
+@click.group("config")
+def config_group() -> None:
+    """replication.cfg (Proxmox format) export and import."""
+
+
+@config_group.command("export")
+@pass_env
+def config_export(env: Env) -> None:
+    """Print every job in the replication.cfg format."""
+    click.echo(export_jobs(env.store().list_jobs()), nl=False)
+
+
+@config_group.command("import")
+@click.argument("path", metavar="FILE")
+@pass_env
+def config_import(env: Env, path: str) -> None:
+    """Create the jobs of a replication.cfg ('-' = stdin). All are validated before any is written;
+    jobs already present with the same configuration are skipped, different ones refused."""
+    try:
+        raw = click.get_binary_stream("stdin").read() if path == "-" else Path(path).read_bytes()
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise ValidationError(f"cannot read '{show(path)}': {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError(f"'{show(path)}' is not UTF-8 text") from None
+    jobs = parse(text)
+    store = env.store()
+    existing = {j.id: j for j in store.list_jobs()}
+    new = []
+    for job in jobs:
+        old = existing.get(job.id)
+        if old is None:
+            new.append(job)
+        elif old.config() != job.config():
+            raise Conflict(f"replication job '{job.id}' already exists with a different configuration")
+    store.create_jobs(sorted(new, key=lambda j: job_id_sort_key(j.id)))
+    click.echo(f"imported {len(new)} job(s), {len(jobs) - len(new)} unchanged")

@@ -1,0 +1,245 @@
+"""replq commands: the pvesr job commands (SPEC §8).
+
+create-local-job, update, delete, enable, disable, read, list, status, schedule-now, set-state.
+Thin: parse, validate with the model, call the store, print.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import click
+
+from replq.cli.base import Env, emit, output_option, pass_env
+from replq.errors import ValidationError
+from replq.jobstate import state_cell, status_row
+from replq.model import (
+    PVESR_IGNORED_STATE,
+    Job,
+    check_state_fields,
+    check_vmid,
+    format_rate,
+    parse_bool,
+    parse_job_id,
+    show,
+)
+from replq.output import table
+from replq.store import job_digest
+
+
+def fmt_time(ts: float | None, tz: ZoneInfo) -> str:
+    """`YYYY-MM-DD_HH:MM:SS` in the cluster's time zone, `-` for never."""
+    if not ts:
+        return "-"
+    return datetime.fromtimestamp(ts, tz).strftime("%Y-%m-%d_%H:%M:%S")
+
+
+def job_row(job: Job) -> dict[str, Any]:
+    return {"id": job.id, "type": "local", "guest": job.guest, "jobnum": job.jobnum, "target": job.target,
+            "schedule": job.schedule, "rate": job.rate, "enabled": not job.disable, "comment": job.comment,
+            "source": job.source, "remove_job": job.remove_job}
+
+
+@click.command("create-local-job")
+@click.argument("job_id", metavar="ID")
+@click.argument("target")
+@click.option("--schedule", help="Calendar event (default */15).")
+@click.option("--rate", help="Rate limit in MB/s (decimal, ≥ 1).")
+@click.option("--comment", help="Free text.")
+@click.option("--disable", is_flag=True, help="Create the job disabled.")
+@click.option("--source", help="The node the guest lives on (normally recorded by the job's runs).")
+@pass_env
+def create_local_job(env: Env, job_id: str, target: str, schedule: str | None, rate: str | None,
+                     comment: str | None, disable: bool, source: str | None) -> None:
+    """Create a replication job ID (VMID-N) of the guest to TARGET."""
+    fields: dict[str, Any] = {"disable": disable}
+    for key, value in (("schedule", schedule), ("rate", rate), ("comment", comment), ("source", source)):
+        if value is not None:
+            fields[key] = value
+    env.store().create_job(Job(id=job_id, target=target, **fields))
+
+
+@click.command("update")
+@click.argument("job_id", metavar="ID")
+@click.option("--schedule", help="Calendar event.")
+@click.option("--rate", help="Rate limit in MB/s (decimal, ≥ 1).")
+@click.option("--comment", help="Free text.")
+@click.option("--disable", metavar="0|1", help="Disable (1) or enable (0) the job.")
+@click.option("--source", help="The node the guest lives on.")
+@click.option("--remove_job", "remove_job", metavar="local|full", help="Mark the job for removal (as `delete`).")
+@click.option("--delete", "delete", metavar="PROP[,PROP]", help="Unset properties (schedule, rate, comment, ...).")
+@click.option("--digest", help="Refuse the change if the job changed since this digest was read.")
+@pass_env
+def update(env: Env, job_id: str, schedule: str | None, rate: str | None, comment: str | None,
+           disable: str | None, source: str | None, remove_job: str | None, delete: str | None,
+           digest: str | None) -> None:
+    """Change a replication job (target is fixed)."""
+    parse_job_id(job_id)
+    changes: dict[str, Any] = {}
+    for key, value in (("schedule", schedule), ("rate", rate), ("comment", comment), ("source", source),
+                       ("remove_job", remove_job)):
+        if value is not None:
+            changes[key] = value
+    if disable is not None:
+        changes["disable"] = parse_bool(disable, "disable")
+    props = [p.strip() for p in delete.split(",")] if delete is not None else []
+    if any(not p for p in props):
+        raise ValidationError(f"--delete: invalid property list '{show(delete)}'")
+    if digest is not None and not (len(digest) == 40 and all(c in "0123456789abcdef" for c in digest)):
+        raise ValidationError(f"--digest: invalid digest '{show(digest)}' (40 hex digits, as `read` prints)")
+    if not changes and not props:
+        raise click.UsageError("nothing to change (give --schedule, --rate, --comment, --disable, --source, --delete)")
+    env.store().update_job(job_id, changes, props, digest)
+
+
+@click.command("delete")
+@click.argument("job_id", metavar="ID")
+@click.option("--keep", is_flag=True, help="Keep the replicated volumes on the target (only snapshots are removed).")
+@click.option("--force", is_flag=True, help="Remove the job config at once, without any cleanup.")
+@pass_env
+def delete(env: Env, job_id: str, keep: bool, force: bool) -> None:
+    """Mark a replication job for removal (done by its next run), or remove it at once with --force."""
+    if keep and force:
+        raise click.UsageError("--keep and --force are mutually exclusive")
+    parse_job_id(job_id)
+    if force:
+        env.store().delete_job(job_id)
+    else:
+        env.store().mark_remove(job_id, "local" if keep else "full")
+
+
+@click.command("enable")
+@click.argument("job_id", metavar="ID")
+@pass_env
+def enable(env: Env, job_id: str) -> None:
+    """Enable a replication job."""
+    parse_job_id(job_id)
+    env.store().update_job(job_id, {}, ["disable"])
+
+
+@click.command("disable")
+@click.argument("job_id", metavar="ID")
+@pass_env
+def disable(env: Env, job_id: str) -> None:
+    """Disable a replication job."""
+    parse_job_id(job_id)
+    env.store().update_job(job_id, {"disable": True})
+
+
+@click.command("read")
+@click.argument("job_id", metavar="ID")
+@output_option
+@pass_env
+def read(env: Env, job_id: str, output_format: str) -> None:
+    """Show a replication job's configuration (with the digest for `update --digest`)."""
+    job = env.store().get_job(job_id)
+    data = {"id": job.id, "type": "local", "guest": job.guest, "jobnum": job.jobnum, **job.config(),
+            "digest": job_digest(job)}
+    data.pop("disable", None)
+    data["disable"] = job.disable
+    if job.rate is not None:
+        data["rate"] = job.rate
+
+    def text() -> str:
+        rows = [(k, format_rate(v) if k == "rate" else (int(v) if isinstance(v, bool) else v)) for k, v in data.items()]
+        return table(["key", "value"], rows)
+
+    emit(data, output_format, text)
+
+
+@click.command("list")
+@output_option
+@pass_env
+def list_jobs(env: Env, output_format: str) -> None:
+    """List replication jobs."""
+    jobs = env.store().list_jobs()
+    emit([job_row(j) for j in jobs], output_format, lambda: table(
+        ["JobID", "Target", "Schedule", "Rate", "Enabled"],
+        [(j.id, f"local/{j.target}", j.schedule, format_rate(j.rate), "no" if j.disable else "yes") for j in jobs]))
+
+
+@click.command("status")
+@click.option("--guest", metavar="VMID", help="Only this guest's jobs.")
+@output_option
+@pass_env
+def status(env: Env, guest: str | None, output_format: str) -> None:
+    """Replication status of every job (or one guest's)."""
+    store = env.store()
+    vmid = check_vmid(guest) if guest is not None else None
+    entries = store.jobs_with_state(vmid)
+    if output_format != "text":
+        emit([status_row(j, s, ns) for j, s, ns in entries], output_format)
+        return
+    tz = ZoneInfo(store.get_settings()["timezone"])
+    now = time.time()
+    rows = []
+    for job, state, ns in entries:
+        nxt = "-" if ns is None else ("pending" if ns <= now else fmt_time(ns, tz))
+        rows.append((job.id, "no" if job.disable else "yes", f"local/{job.target}", fmt_time(state.last_sync, tz), nxt,
+                     f"{state.duration:.2f}" if state.duration else "-", state.fail_count, state_cell(state)))
+    emit(None, "text", table(["JobID", "Enabled", "Target", "LastSync", "NextSync", "Duration", "FailCount", "State"],
+                             rows))
+
+
+@click.command("schedule-now")
+@click.argument("job_id", metavar="ID")
+@pass_env
+def schedule_now(env: Env, job_id: str) -> None:
+    """Make the job due at the next scheduler tick (last_try = 0; fail_count is kept)."""
+    parse_job_id(job_id)
+    env.store().update_state(job_id, last_try=0)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise ValidationError(f"state: duplicate key '{show(k)}'")
+    return dict(pairs)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValidationError(f"state: {name} is not a valid number")
+
+
+def parse_state_json(vmid: int, text: str) -> dict[str, dict[str, Any]]:
+    """pvesr set-state's argument: {"JOBID": {state fields}, ...} for jobs of guest VMID; strict."""
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValidationError(f"state: invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValidationError("state: expected a JSON object mapping job IDs to job states")
+    out = {}
+    for job_id, st in data.items():
+        guest, _ = parse_job_id(job_id)
+        if guest != vmid:
+            raise ValidationError(f"state: job '{job_id}' does not belong to guest {vmid}")
+        if not isinstance(st, dict):
+            raise ValidationError(f"state: the state of job '{job_id}' must be an object")
+        fields = {k: v for k, v in st.items() if k not in PVESR_IGNORED_STATE}
+        try:
+            out[job_id] = check_state_fields(fields, allow_runtime=False)
+        except ValidationError as exc:
+            raise ValidationError(f"state of job '{job_id}': {exc}") from None
+    return out
+
+
+@click.command("set-state")
+@click.argument("vmid", metavar="VMID")
+@click.argument("state", metavar="JSON")
+@pass_env
+def set_state(env: Env, vmid: str, state: str) -> None:
+    """Set the replication state of a guest's jobs (pvesr: used on migration), e.g.
+    '{"100-0": {"last_sync": 1700000000, "fail_count": 0}}'. Unlisted fields are reset."""
+    v = check_vmid(vmid)
+    states = parse_state_json(v, state)
+    store = env.store()
+    store.get_guest(v)
+    store.replace_states(states)
+
+

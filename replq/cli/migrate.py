@@ -1,0 +1,68 @@
+"""replq commands: migrate (offline migration) and guest move (recovery from a failed node), SPEC §6.
+
+`migrate` runs in this process and must be started on the node that holds the guest, like
+pvesr's `qm migrate` (e.g. `replq sandbox exec node1 -- replq migrate 100 node2`): the delta or
+full copy is sent from the local pool, and the command's exit code is the migration's result.
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from replq.cli.base import Env, emit, output_option, pass_env
+
+
+def _when(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d_%H:%M:%S", time.localtime(epoch)) if epoch else "never"
+
+
+@click.command("migrate")
+@click.argument("vmid", metavar="VMID")
+@click.argument("target", metavar="TARGET")
+@click.option("--verbose", is_flag=True, help="Print the replication log of the delta sync too.")
+@output_option
+@pass_env
+def migrate_cmd(env: Env, vmid: str, target: str, verbose: bool, output_format: str) -> None:
+    """Migrate a (stopped) guest to TARGET; run it on the guest's node.
+
+    With a replication job to TARGET only the delta is sent and the guest's jobs switch direction;
+    otherwise every volume is copied in full, checked, and the source volumes are deleted."""
+    from replq.migrate import migrate  # the engine imports paramiko (~0.3 s): only when migrating
+
+    text = output_format == "text"
+
+    def echo(line: str) -> None:
+        if verbose or not line[:4].isdigit():  # engine log lines start with their date
+            click.echo(line, err=not text)
+
+    res = migrate(env.store(), vmid, target, env.node, echo=echo)
+    data = res.as_dict()
+    how = f"delta sync by job {res.job}" if res.mode == "delta" else "full copy"
+    lines = [f"guest {res.vmid} migrated from {res.source} to {res.target} ({how}, {res.bytes} bytes, "
+             f"{res.duration:.1f} s)"]  # fmt: skip
+    lines += [f"warning: {w}" for w in res.warnings]
+    emit(data, output_format, "\n".join(lines))
+
+
+@click.command("move")
+@click.argument("vmid", metavar="VMID")
+@click.option("--to", "to", required=True, metavar="NODE", help="The node that takes over the guest.")
+@click.option("--force", is_flag=True, help="Move even though the old node still answers (it must be fenced).")
+@output_option
+@pass_env
+def guest_move_cmd(env: Env, vmid: str, to: str, force: bool, output_format: str) -> None:
+    """Move a guest stuck on a failed node to NODE (recovery; refused while the old node answers).
+
+    Its replication jobs switch direction at their next run and go on incrementally from the newest
+    common replication snapshot; data written on the old node after the last sync is not on NODE."""
+    from replq.migrate import guest_move  # paramiko and Celery (~0.5 s): only when moving
+
+    res = guest_move(env.store(), vmid, to, force, redis_url=env.redis_url)
+    lines = [f"guest {res.vmid} moved from {res.source} to {res.target}"
+             + (f" (forced: node '{res.source}' still answers: {res.reason})" if res.reason else "")]
+    for j in res.jobs:
+        lines.append(f"job {j['id']}: next run replicates {j['source']} => {j['target']} "
+                     f"(last sync {_when(j['last_sync'])})")  # fmt: skip
+    emit(res.as_dict(), output_format, "\n".join(lines))

@@ -1,0 +1,161 @@
+"""What a replication run and a job removal share: the job and guest as they are now (with the
+direction switch of a moved guest), the node check, the guest's volumes, the SSH connection to
+the target, the guest lock with its heartbeat, the replication log, and old-snapshot cleanup.
+
+`Replication` (replicate.py) and `Removal` (removal.py) are the two kinds of `JobRun`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from replq import jobstate, ssh, transfer, zfs
+from replq import plan as planner
+from replq.context import ssh_key_path
+from replq.direction import lazy_switch
+from replq.errors import GuestLocked, JobRefused, ReplqError
+from replq.locks import Heartbeat
+from replq.model import Snapshot, Volume
+from replq.settings import tunable
+
+
+@dataclass
+class RunResult:
+    job_id: str
+    ok: bool
+    start: int
+    duration: float
+    bytes: int = 0
+    error: str | None = None
+    plan: dict | None = None
+
+
+class JobRun:
+    """The frame of one run (or removal) of job `job_id` on this node (`node`)."""
+
+    def __init__(
+        self,
+        store: Any,
+        job_id: str,
+        node: str,
+        *,
+        echo: Callable[[str], None] | None = None,
+        worker: str | None = None,
+        task_id: str | None = None,
+        take_lock: bool = True,
+        key_path: str | os.PathLike | None = None,
+        cancel: threading.Event | None = None,
+        clock: Callable[[], float] = time.time,
+        local: zfs.Runner | None = None,
+        connect: Callable[[Any], Any] | None = None,
+        send: Callable[..., tuple[int, float]] = transfer.send_stream,
+    ) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.node = node
+        self.echo = echo
+        self.worker = worker or f"{node}:{os.getpid()}"
+        self.task_id = task_id
+        self.take_lock = take_lock
+        self.key_path = key_path
+        self.cancel = cancel
+        self.clock = clock
+        self.switched: str | None = None  # set when this run switched the job's direction (SPEC §6)
+        # The doors to the outside, replaceable by fakes that record the order of the steps
+        # (tests/support/fakezfs.py): zfs here, the SSH connection to a node, the send pipeline.
+        self._local_runner = local
+        self.local = zfs.Zfs(local or zfs.LocalRunner(node=node), side="source")
+        self._connect_node = connect or (lambda target: ssh.connect_node(target, self.key_path or ssh_key_path()))
+        self.send = send
+        self.conn: ssh.Connection | None = None
+        self.remote: zfs.Zfs | None = None
+
+    def sibling(self, cls: type[JobRun]) -> Any:
+        """The same job on the same terms as another kind of run (a run that turns out to be a removal)."""
+        other = cls(self.store, self.job_id, self.node, echo=self.echo, worker=self.worker, task_id=self.task_id,
+                    take_lock=self.take_lock, key_path=self.key_path, cancel=self.cancel, clock=self.clock,
+                    local=self._local_runner, connect=self._connect_node, send=self.send)
+        other.switched = self.switched
+        return other
+
+    # ------------------------------------------------------------------ helpers
+
+    def log(self, message: str) -> None:
+        line = jobstate.log(self.store, self.job_id, message)
+        if self.echo:
+            self.echo(line)
+
+    def load(self, persist: bool = True) -> tuple[Any, Any]:
+        """The job and its guest; a job whose guest moved switches direction first."""
+        job = self.store.get_job(self.job_id)
+        guest = self.store.get_guest(job.guest)
+        if guest.node == self.node:
+            # The guest was moved (guest move, HA) since the job's last run: switch its direction
+            # first, so the live volume is the source and the old node becomes the target (SPEC §6).
+            job, note = lazy_switch(self.store, job, guest, persist=persist)
+            self.switched = note or self.switched
+        return job, guest
+
+    def check_node(self, job: Any, guest: Any) -> None:
+        if guest.node != self.node:
+            raise JobRefused(
+                f"guest {guest.vmid} lives on node '{guest.node}', not on this node '{self.node}': "
+                f"run job {self.job_id} there"
+            )
+        if job.target == guest.node:
+            raise JobRefused("Source and target must not be identical")
+
+    def volumes(self, guest: Any) -> tuple[list[Volume], dict[str, Any]]:
+        storages = {s.id: s for s in self.store.list_storages()}
+        volumes, _skipped = planner.replicatable_volumes(
+            ((d.volid, d.replicate) for d in guest.disks),
+            {sid: (s.type, s.pool or "") for sid, s in storages.items()},
+        )
+        return volumes, storages
+
+    def connect(self, job: Any) -> zfs.Zfs:
+        self.conn = self._connect_node(self.store.get_node(job.target))
+        self.remote = zfs.Zfs(self.conn, side="target")
+        return self.remote
+
+    def held_bases(self, vmid: int, listing: Mapping[str, Sequence[Snapshot]]) -> dict[tuple[str, str], str]:
+        """Snapshots here that another job of the guest still needs as its base (plan.held_bases)."""
+        others = [(j.id, int(self.store.get_state(j.id).last_sync or 0)) for j in self.store.list_jobs(vmid)
+                  if j.id != self.job_id and not j.remove_job]
+        return planner.held_bases(others, listing)
+
+    @contextlib.contextmanager
+    def guest_lock(self, vmid: int) -> Iterator[None]:
+        if not self.take_lock:
+            yield
+            return
+        ttl = tunable("guest_lock_ttl")
+        lock = self.store.lock("guest", vmid, ttl)
+        if not lock.acquire(blocking=False):
+            raise GuestLocked(f"guest {vmid} is locked: another replication job of this guest is running")
+        # Losing the guest lock (expired while Redis was away) cancels the transfer: another
+        # run of this guest may start now.
+        if self.cancel is None:
+            self.cancel = threading.Event()
+        with Heartbeat([lock], ttl, on_lost=self.cancel.set, name=f"lock-{vmid}"):
+            yield
+
+    def cleanup(self, z: zfs.Zfs, dataset: str, name: str, where: str) -> None:
+        """Delete an old replication snapshot after success; a failure only leaves it for the next run."""
+        try:
+            z.destroy_snapshot(dataset, name)
+            self.log(f"delete previous replication snapshot '{dataset}@{name}' on {where}")
+        except ReplqError as exc:
+            self.log(f"warning: could not delete '{dataset}@{name}' on {where}: {exc}")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+            self.remote = None

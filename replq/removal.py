@@ -1,0 +1,95 @@
+"""Removal of a job marked by `delete` (SPEC §7), run by the worker of the guest's node.
+
+full (`delete`): this job's snapshots on the source, and on the target every volume of the
+guest that carries a snapshot of this job (foreign volumes are never touched); the target must
+be reachable. local (`delete --keep`): the target volumes stay; this job's snapshots are
+removed on the source and, if the target answers, on the target. The job's config and state
+go only when the cleanup is done; a failure is recorded like a failed run and retried after
+`retry_interval`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from replq import jobstate
+from replq import plan as planner
+from replq.errors import ConnectionLost, JobRefused, NodeUnreachable, ReplqError
+from replq.jobrun import JobRun, RunResult
+
+
+class Removal(JobRun):
+    def run(self) -> RunResult:
+        job, guest = self.load()
+        self.check_node(job, guest)
+        if not job.remove_job:
+            raise JobRefused(f"replication job '{self.job_id}' is not marked for removal")
+        with self.guest_lock(guest.vmid):
+            t0 = time.monotonic()
+            start = int(self.clock())
+            jobstate.record_job_start(self.store, self.job_id, start, self.node, self.worker, self.task_id)
+            self.log(f"start job removal ({job.remove_job})")
+            if self.switched:
+                self.log(self.switched)
+            result = RunResult(job_id=self.job_id, ok=False, start=start, duration=0.0)
+            try:
+                self._remove(job, guest)
+            except Exception as exc:  # noqa: BLE001 - recorded, like a failed run
+                result.error = jobstate.one_line(str(exc) if isinstance(exc, ReplqError) else repr(exc))
+                result.duration = round(time.monotonic() - t0, 3)
+                jobstate.record_job_end(self.store, self.job_id, error=result.error, duration=result.duration)
+                self.log(f"end job removal with error: {result.error}")
+                return result
+            finally:
+                self.close()
+            self.log("end job removal")
+            self.store.delete_job(self.job_id)
+            result.ok = True
+            result.duration = round(time.monotonic() - t0, 3)
+            return result
+
+    def _remove(self, job: Any, guest: Any) -> None:
+        state = self.store.get_state(self.job_id)
+        storages = {s.id: s for s in self.store.list_storages()}
+        sids = {d.storage for d in guest.disks if d.storage} | set(state.storeid_list or [])
+        pools = sorted({storages[s].pool for s in sids if s in storages and storages[s].type == "zfspool"})
+
+        def job_datasets(listing: dict) -> dict[str, list[str]]:
+            out = {}
+            for ds, snaps in listing.items():
+                names = [x.name for x in snaps if planner.is_job_snapshot(x.name, self.job_id)]
+                if names and planner.volname_vmid(ds.rsplit("/", 1)[-1]) == guest.vmid:
+                    out[ds] = names
+            return out
+
+        try:
+            remote = self.connect(job)
+            target = job_datasets(remote.list(pools))
+        except (NodeUnreachable, ConnectionLost):
+            if job.remove_job == "full":
+                raise
+            self.log(f"warning: target node '{job.target}' not reachable: its snapshots stay")
+            remote, target = None, {}
+        for ds, names in sorted(target.items()):
+            assert remote is not None
+            if job.remove_job == "full":
+                self.log(f"delete volume '{ds}' on {job.target}")
+                remote.destroy_dataset(ds)
+            else:
+                for name in names:
+                    self.cleanup(remote, ds, name, job.target)
+        listing = self.local.list(pools)
+        held = self.held_bases(guest.vmid, listing)
+        for ds, names in sorted(job_datasets(listing).items()):
+            for name in names:
+                if (ds, name) in held:  # another job's only base after a move (SPEC §6)
+                    self.log(f"keep '{ds}@{name}' on {self.node}: base of job {held[(ds, name)]}")
+                    continue
+                self.local.destroy_snapshot(ds, name)
+                self.log(f"delete snapshot '{ds}@{name}' on {self.node}")
+
+
+def remove_job(store: Any, job_id: str, node: str, **kw: Any) -> RunResult:
+    """Clean up and delete job `job_id` marked remove_job (SPEC §7), on the guest's node."""
+    return Removal(store, job_id, node, **kw).run()

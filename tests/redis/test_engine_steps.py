@@ -1,0 +1,159 @@
+"""The order of a run's steps (SPEC §5) and every undo path, with a fake ZFS on both nodes and a
+fake transfer (tests/support/fakezfs.py) but the real store on a real redis-server. The sandbox
+tests (tests/cluster/test_replicate.py) prove the same on real zfs-fuse and sshd."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from replq.model import Disk, Guest, Job, Node, Storage, snapshot_name
+from replq.replicate import Replication
+from replq.store import Store
+from tests.support.fakezfs import FakeTransfer, FakeZfs
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFFZwt0+x2oix/58y+52DIrq9zIT99kJEO991GWMMuM2"
+POOL = "rpool/data"
+D0, D1 = f"{POOL}/subvol-100-disk-0", f"{POOL}/subvol-100-disk-1"
+
+
+class Engine:
+    """Guest 100 on node1 with two disks, job 100-0 to node2; a clock the test moves."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.now = 1_000
+        self.order: list[tuple[str, list[str]]] = []
+        clock = lambda: self.now  # noqa: E731
+        self.src = FakeZfs("node1", {POOL: [], D0: [], D1: []}, clock=clock, log=self.order)
+        self.dst = FakeZfs("node2", {POOL: []}, clock=clock, log=self.order)
+        self.transfer = FakeTransfer(self.src, self.dst)
+
+    def run(self, at: int) -> object:
+        self.now = at
+        self.order.clear()
+        return Replication(self.store, "100-0", "node1", local=self.src, connect=lambda node: self.dst,
+                           send=self.transfer, clock=lambda: self.now).run()
+
+    def steps(self) -> list[str]:
+        """The order as `node verb [object]`, without the listings and feature probes."""
+        out = []
+        for who, argv in self.order:
+            words = [a for a in argv[1:] if a != "--"]
+            if words[0] in ("snapshot", "destroy", "rollback") or who == "transfer":
+                out.append(f"{who} {words[0]} {words[-1]}")
+        return out
+
+
+@pytest.fixture
+def engine(redis_url: str) -> Iterator[Engine]:
+    store = Store.from_url(redis_url)
+    for i in (1, 2):
+        store.add_node(Node(name=f"node{i}", address=f"127.0.0.{i}:1", host_key=HOST_KEY))
+    store.add_storage(Storage(id="local-zfs", pool=POOL))
+    store.add_guest(Guest(vmid=100, node="node1", disks=[Disk("local-zfs:subvol-100-disk-0"),
+                                                         Disk("local-zfs:subvol-100-disk-1")]))
+    store.create_job(Job(id="100-0", target="node2"))
+    yield Engine(store)
+
+
+def snap(t: int) -> str:
+    return snapshot_name("100-0", t)
+
+
+def test_full_then_incremental_in_order(engine: Engine) -> None:
+    res = engine.run(1_000)
+    assert res.ok, res.error
+    s1 = snap(1_000)
+    assert engine.steps() == [f"node1 snapshot {D0}@{s1}", f"node1 snapshot {D1}@{s1}",
+                              f"transfer send {D0}@{s1}", f"transfer send {D1}@{s1}"]
+    assert [argv[-2] for argv, _ in engine.transfer.sends] == ["-Rp", "-Rp"]  # full: no -I
+    assert engine.store.get_state("100-0").last_sync == 1_000
+
+    res = engine.run(2_000)
+    assert res.ok, res.error
+    s2 = snap(2_000)
+    # Snapshots first, then the sends (from the last sync's snapshot), and only then, with
+    # last_sync recorded, the previous snapshots go on both sides.
+    assert engine.steps() == [f"node1 snapshot {D0}@{s2}", f"node1 snapshot {D1}@{s2}",
+                              f"transfer send {D0}@{s2}", f"transfer send {D1}@{s2}",
+                              f"node1 destroy {D0}@{s1}", f"node2 destroy {D0}@{s1}",
+                              f"node1 destroy {D1}@{s1}", f"node2 destroy {D1}@{s1}"]
+    assert all(["-I", f"{ds}@{s1}"] == argv[3:5] for (argv, _), ds in zip(engine.transfer.sends[2:], (D0, D1),
+                                                                              strict=True))
+    for ds in (D0, D1):
+        assert engine.src.names(ds) == engine.dst.names(ds) == [s2]
+    st = engine.store.get_state("100-0")
+    assert (st.last_sync, st.fail_count, st.error, st.worker) == (2_000, 0, None, None)
+
+
+def test_a_failed_cleanup_after_success_keeps_the_run_ok_and_last_sync(engine: Engine) -> None:
+    engine.run(1_000)
+    engine.dst.fail[f"zfs destroy -- {D0}@{snap(1_000)}"] = "cannot destroy: permission denied"
+    res = engine.run(2_000)
+    assert res.ok and engine.store.get_state("100-0").last_sync == 2_000
+    assert engine.dst.names(D0) == [snap(1_000), snap(2_000)]  # left for the next run
+    log = "\n".join(engine.store.read_log("100-0"))
+    assert f"warning: could not delete '{D0}@{snap(1_000)}' on node2" in log
+
+
+def test_a_failed_snapshot_removes_the_ones_made_and_sends_nothing(engine: Engine) -> None:
+    engine.run(1_000)
+    engine.src.fail[f"zfs snapshot -- {D1}@"] = "cannot create snapshot: out of space"
+    res = engine.run(2_000)
+    assert not res.ok and "no free space left on the source storage on node 'node1'" in (res.error or "")
+    assert engine.steps() == [f"node1 snapshot {D0}@{snap(2_000)}", f"node1 snapshot {D1}@{snap(2_000)}",
+                              f"node1 destroy {D0}@{snap(2_000)}"]
+    for ds in (D0, D1):
+        assert engine.src.names(ds) == engine.dst.names(ds) == [snap(1_000)]
+    st = engine.store.get_state("100-0")
+    assert (st.last_sync, st.last_try, st.fail_count) == (1_000, 2_000, 1)
+
+
+def test_a_broken_incremental_rolls_the_target_back_and_keeps_the_base(engine: Engine) -> None:
+    engine.run(1_000)
+    engine.transfer.fail = "broken"
+    res = engine.run(2_000)
+    assert not res.ok and "invalid backup stream" in (res.error or "")
+    s1, s2 = snap(1_000), snap(2_000)
+    assert engine.steps() == [f"node1 snapshot {D0}@{s2}", f"node1 snapshot {D1}@{s2}", f"transfer send {D0}@{s2}",
+                              f"node2 rollback {D0}@{s1}", f"node1 destroy {D0}@{s2}", f"node1 destroy {D1}@{s2}"]
+    for ds in (D0, D1):
+        assert engine.src.names(ds) == engine.dst.names(ds) == [s1]  # the base stays on both sides
+    st = engine.store.get_state("100-0")
+    assert (st.last_sync, st.fail_count) == (1_000, 1) and "invalid backup stream" in st.error
+    log = engine.store.read_log("100-0")
+    assert log[-1].endswith(f"end replication job with error: {st.error}")
+    assert engine.run(3_000).ok  # recovery at the next run, from the same base
+    assert engine.src.names(D0) == engine.dst.names(D0) == [snap(3_000)]
+
+
+def test_a_broken_full_send_removes_only_the_volume_it_created(engine: Engine) -> None:
+    engine.transfer.fail = "partial-full"
+    res = engine.run(1_000)
+    assert not res.ok
+    assert engine.steps() == [f"node1 snapshot {D0}@{snap(1_000)}", f"node1 snapshot {D1}@{snap(1_000)}",
+                              f"transfer send {D0}@{snap(1_000)}", f"node2 destroy {D0}",
+                              f"node1 destroy {D0}@{snap(1_000)}", f"node1 destroy {D1}@{snap(1_000)}"]
+    assert D0 not in engine.dst.datasets and engine.src.names(D0) == []
+
+
+def test_a_lost_connection_touches_nothing_more_on_the_target(engine: Engine) -> None:
+    engine.run(1_000)
+    engine.transfer.fail = "lost"
+    res = engine.run(2_000)
+    assert not res.ok and "lost mid-stream" in (res.error or "")
+    sent = [i for i, (who, _) in enumerate(engine.order) if who == "transfer"][0]
+    assert not [argv for who, argv in engine.order[sent:] if who == "node2"], "no command for an unreachable target"
+    assert engine.src.names(D0) == [snap(1_000)]  # the new snapshot went; the base stays
+    assert "its partial receive is discarded by zfs" in "\n".join(engine.store.read_log("100-0"))
+
+
+def test_a_full_target_pool_fails_the_run_in_operator_words(engine: Engine) -> None:
+    engine.run(1_000)
+    engine.transfer.fail = "nospace"
+    res = engine.run(2_000)
+    assert not res.ok and "no free space left on the replication target storage on node 'node2'" in res.error
+    assert engine.dst.names(D0) == [snap(1_000)]
+    assert engine.store.get_state("100-0").fail_count == 1
