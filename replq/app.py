@@ -42,7 +42,7 @@ def worker_hostname(node: str) -> str:
 def make_app(redis_url: str | None = None, node: str | None = None) -> Celery:
     """A Celery app on `redis_url` (default: context.redis_url()); `node` is set in workers."""
     url = redis_url or context.redis_url()
-    app = Celery("replq", broker=url, backend=url, include=["workers.tasks"], set_as_current=False)
+    app = Celery("replq", broker=url, backend=url, include=["workers.tasks", "workers.heartbeat"], set_as_current=False)
     transport = {
         "visibility_timeout": VISIBILITY_TIMEOUT,
         "socket_keepalive": True,

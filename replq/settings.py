@@ -51,6 +51,16 @@ def _timezone(text: str) -> str:
     return text
 
 
+def _liveness_window(text: str) -> int:
+    try:
+        v = int(text.strip())
+    except ValueError:
+        raise ValidationError(f"liveness_window: invalid integer '{show(text)}' (seconds)") from None
+    if not 10 <= v <= 3600:
+        raise ValidationError("liveness_window: value must be between 10 and 3600 seconds")
+    return v
+
+
 def _notify_command(text: str) -> str:
     try:
         if not shlex.split(text):
@@ -113,6 +123,8 @@ SETTINGS: dict[str, Setting] = {
                 "seconds between retries of a job in error state (60..604800)", scheduling=True),
         Setting("timezone", None, _timezone,
                 "time zone of calendar events and of every time shown (default: the system's)", scheduling=True),
+        Setting("liveness_window", 60, _liveness_window,
+                "a node whose worker sent a heartbeat within this many seconds is alive (10..3600)"),
         Setting("notify_command", None, _notify_command,
                 "program run when a job fails (argv; never through a shell)", env="REPLQ_NOTIFY_COMMAND",
                 optional=True),
@@ -172,6 +184,7 @@ TUNABLES: dict[str, Tunable] = {
     "beat_lock_ttl": Tunable("REPLQ_BEAT_LOCK_TTL", 30.0, "s until a standby beat takes over a dead active one"),
     "sweep_interval": Tunable("REPLQ_SWEEP_INTERVAL", 30.0, "s between sweeps for runs interrupted by a dead worker"),
     "enqueue_expires": Tunable("REPLQ_ENQUEUE_EXPIRES", 3600.0, "s an enqueued job waits for its worker"),
+    "heartbeat_interval": Tunable("REPLQ_HEARTBEAT_INTERVAL", 10.0, "s between two heartbeats of a worker"),
 }
 
 
@@ -187,3 +200,8 @@ def tunable(name: str) -> float:
         except ValueError:
             pass
     return t.default
+
+
+def worker_alive(heartbeat: float | None, now: float, window: float) -> bool:
+    """A node's worker is alive if it sent a heartbeat within `window` seconds of `now`."""
+    return heartbeat is not None and now - heartbeat <= window

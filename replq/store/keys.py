@@ -18,7 +18,8 @@ Only the store package knows Redis keys. Key layout (prefix P, default "replq:")
     P sched                 zset  job id -> next_sync (absent = never due)
     P settings              hash  cluster settings (settings.py), only those set
     P log:<id>              list  replication log lines of the last run
-    P lock:<kind>:<ident>   str   redis-py locks (guest, job)
+    P lock:<kind>:<ident>   str   redis-py locks (guest, job, migrate, beat, queued markers)
+    P heartbeats            hash  node -> epoch of its worker's last heartbeat
 
 All values are JSON.
 """

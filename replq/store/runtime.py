@@ -27,8 +27,20 @@ class JobRoute:
     queued: bool  # a queued marker exists
 
 
-
 class RuntimeStore(StoreBase):
+    # ---- worker heartbeats (is a node's worker alive?) --------------------------------------
+    def record_heartbeat(self, node: str, now: float) -> None:
+        """The worker of `node` is alive at `now` (written every few seconds by the worker)."""
+        self.redis.hset(self.k("heartbeats"), node, repr(now))
+
+    def clear_heartbeat(self, node: str) -> None:
+        """The worker of `node` stopped cleanly: it is not alive any more."""
+        self.redis.hdel(self.k("heartbeats"), node)
+
+    def heartbeats(self) -> dict[str, float]:
+        """The last heartbeat of every node's worker, epoch seconds (nodes never seen are absent)."""
+        return {n: float(t) for n, t in self.redis.hgetall(self.k("heartbeats")).items()}
+
     def set_progress(self, job_id: str, progress: dict | None) -> bool:
         """Publish a running job's progress (bytes, rate, ETA); False if the job no longer exists."""
         parse_job_id(job_id)

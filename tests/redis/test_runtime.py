@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from beat.scheduler import BeatCore
-from replq import dispatch
+from replq import dispatch, settings
 from replq.app import make_app, ping_worker
 from replq.store import Store
 from tests.redis.test_beat import make_cluster, queued_jobs
@@ -131,3 +131,18 @@ def test_worker_stops_on_sigterm(redis_url: str, worker) -> None:  # noqa: ANN00
     p.send_signal(signal.SIGTERM)
     assert p.wait(20) == 0
     assert time.monotonic() - t0 < 10
+
+
+def test_a_running_worker_heartbeats_and_a_stopped_one_is_not_alive(redis_url: str, worker,  # noqa: ANN001
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store.from_url(redis_url)
+    make_cluster(store, guests=1)
+    monkeypatch.setenv("REPLQ_HEARTBEAT_INTERVAL", "1")
+    assert "n1" not in store.heartbeats()
+    p = worker()
+    first = wait_for(lambda: store.heartbeats().get("n1"), 10, "the first heartbeat of n1")
+    wait_for(lambda: store.heartbeats().get("n1", 0) > first, 10, "a second heartbeat (every second)")
+    assert settings.worker_alive(store.heartbeats()["n1"], time.time(), 60)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 0
+    assert "n1" not in store.heartbeats()  # a clean stop says so at once
