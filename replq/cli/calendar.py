@@ -9,6 +9,7 @@ import click
 from replq import calendar
 from replq.cli.base import emit, output_option
 from replq.errors import ValidationError
+from replq.views import calendar_preview
 
 DEFAULT_ITERATIONS = 5
 MAX_ITERATIONS = 1000
@@ -76,18 +77,6 @@ def calendar_cmd(expression: str, from_: str | None, iterations: int, tz: str | 
     """
     if not 1 <= iterations <= MAX_ITERATIONS:
         raise ValidationError(f"invalid --iterations {iterations}: must be 1..{MAX_ITERATIONS}")
-    ev = calendar.parse(expression)
     zone_name = tz if tz is not None else calendar.system_timezone()
-    zone = calendar.resolve_zone(zone_name)
-    after = _parse_from(from_, zone)
-    events = ev.events(after, zone, iterations)
-    problem = calendar.job_limit_problem(ev, zone)
-    data = {
-        "expression": ev.expression,
-        "normalized": ev.normalized,
-        "timezone": "UTC" if ev.utc else zone_name,
-        "events": [when.isoformat() for when in events],
-        "job_ok": problem is None,
-        "reason": problem,
-    }
-    emit(data, output_format, lambda: _text(ev, data["timezone"], events, problem))
+    data, ev, events = calendar_preview(expression, zone_name, lambda zone: _parse_from(from_, zone), iterations)
+    emit(data, output_format, lambda: _text(ev, data["timezone"], events, data["reason"]))

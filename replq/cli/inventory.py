@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from replq.cli.base import Env, emit, output_option, pass_env
@@ -20,10 +18,7 @@ from replq.model import (
     show,
 )
 from replq.output import table
-
-
-def node_row(n: Node) -> dict[str, Any]:
-    return {**n.to_dict(), "fingerprint": host_key_fingerprint(n.host_key) if n.host_key else None}
+from replq.views import node_row
 
 
 # ---- node ---------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from replq.model import (
     show,
 )
 from replq.output import table
-from replq.store import job_digest
+from replq.views import check_digest, job_row, property_list, read_record
 
 
 def fmt_time(ts: float | None, tz: ZoneInfo) -> str:
@@ -36,12 +36,6 @@ def fmt_time(ts: float | None, tz: ZoneInfo) -> str:
     if not ts:
         return "-"
     return datetime.fromtimestamp(ts, tz).strftime("%Y-%m-%d_%H:%M:%S")
-
-
-def job_row(job: Job) -> dict[str, Any]:
-    return {"id": job.id, "type": "local", "guest": job.guest, "jobnum": job.jobnum, "target": job.target,
-            "schedule": job.schedule, "rate": job.rate, "enabled": not job.disable, "comment": job.comment,
-            "source": job.source, "remove_job": job.remove_job}
 
 
 @click.command("create-local-job")
@@ -86,11 +80,9 @@ def update(env: Env, job_id: str, schedule: str | None, rate: str | None, commen
             changes[key] = value
     if disable is not None:
         changes["disable"] = parse_bool(disable, "disable")
-    props = [p.strip() for p in delete.split(",")] if delete is not None else []
-    if any(not p for p in props):
-        raise ValidationError(f"--delete: invalid property list '{show(delete)}'")
-    if digest is not None and not (len(digest) == 40 and all(c in "0123456789abcdef" for c in digest)):
-        raise ValidationError(f"--digest: invalid digest '{show(digest)}' (40 hex digits, as `read` prints)")
+    props = property_list(delete, "--delete") if delete is not None else []
+    if digest is not None:
+        check_digest(digest, "--digest")
     if not changes and not props:
         raise click.UsageError("nothing to change (give --schedule, --rate, --comment, --disable, --source, --delete)")
     env.store().update_job(job_id, changes, props, digest)
@@ -136,13 +128,7 @@ def disable(env: Env, job_id: str) -> None:
 @pass_env
 def read(env: Env, job_id: str, output_format: str) -> None:
     """Show a replication job's configuration (with the digest for `update --digest`)."""
-    job = env.store().get_job(job_id)
-    data = {"id": job.id, "type": "local", "guest": job.guest, "jobnum": job.jobnum, **job.config(),
-            "digest": job_digest(job)}
-    data.pop("disable", None)
-    data["disable"] = job.disable
-    if job.rate is not None:
-        data["rate"] = job.rate
+    data = read_record(env.store().get_job(job_id))
 
     def text() -> str:
         rows = [(k, format_rate(v) if k == "rate" else (int(v) if isinstance(v, bool) else v)) for k, v in data.items()]
