@@ -8,17 +8,15 @@ the numbers are as fresh as Redis, and one scrape costs three pipelined reads
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from replq import httpserve
 from replq.jobstate import STATES, state_name
 
 DEFAULT_PORT = 9737
@@ -118,22 +116,4 @@ def serve(store_factory: Callable[[], Any], address: str, port: int,
         start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
         return [body]
 
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-        address_family = _family(address)
-
-    class QuietHandler(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-            pass
-
-    httpd = make_server(address, port, app, Server, handler_class=QuietHandler)
-    if ready is not None:
-        ready(address, httpd.server_port)
-    try:
-        httpd.serve_forever()
-    finally:
-        httpd.server_close()
-
-
-def _family(address: str) -> int:
-    return socket.AF_INET6 if ":" in address else socket.AF_INET
+    httpserve.serve(app, address, port, ready)

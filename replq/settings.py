@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from replq.calendar import system_timezone
 from replq.errors import ValidationError
 from replq.model import show
+from replq.passwords import hash_password, is_hash
 
 DEFAULT_RETRY_INTERVAL = 1800
 
@@ -90,16 +91,28 @@ def _positive_int(key: str) -> Callable[[str], int]:
     return check
 
 
-def _flower_user(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", text):
-        raise ValidationError("flower_user: 1-64 characters of letters, digits, _ . @ -")
-    return text
+def _login_user(key: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", text):
+            raise ValidationError(f"{key}: 1-64 characters of letters, digits, _ . @ -")
+        return text
+
+    return check
 
 
 def _flower_password(text: str) -> str:
     if len(text) < 8 or ":" in text or " " in text:
         raise ValidationError("flower_password: at least 8 characters, no ':' or spaces")
     return text
+
+
+def _web_password(text: str) -> str:
+    """Stored as a salted scrypt hash; a value that already is one (a restored backup) stays as is."""
+    if is_hash(text):
+        return text
+    if len(text) < 8:
+        raise ValidationError("web_password: at least 8 characters")
+    return hash_password(text)
 
 
 # ---------------------------------------------------------------------------------- the table
@@ -133,8 +146,11 @@ SETTINGS: dict[str, Setting] = {
         Setting("notify_every", None, _positive_int("notify_every"),
                 "after the third consecutive failure, notify every N-th (default 10)", env="REPLQ_NOTIFY_EVERY",
                 optional=True),
-        Setting("flower_user", None, _flower_user, "Flower's basic-auth user", optional=True),
+        Setting("flower_user", None, _login_user("flower_user"), "Flower's basic-auth user", optional=True),
         Setting("flower_password", None, _flower_password, "Flower's basic-auth password", optional=True),
+        Setting("web_user", None, _login_user("web_user"), "the web GUI's user", optional=True),
+        Setting("web_password", None, _web_password, "the web GUI's password (stored as a salted scrypt hash)",
+                optional=True),
     )
 }
 

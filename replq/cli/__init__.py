@@ -12,13 +12,14 @@ module), which keeps the layers one-way:
     calendar.py   calendar (preview a schedule)
     runtime.py    worker, beat          services.py  flower, metrics
     sandbox.py    sandbox (the local multi-node cluster)
+    web.py        web (the web GUI and its JSON API)
 """
 
 from __future__ import annotations
 
 import click
 
-from replq.cli import calendar, config, inventory, jobs, migrate, run, runtime, sandbox, services
+from replq.cli import calendar, config, inventory, jobs, migrate, run, runtime, sandbox, services, web
 from replq.cli.base import Env, run_group
 
 
@@ -41,7 +42,7 @@ for command in (
     config.settings_group, config.config_group,
     calendar.calendar_cmd,
     runtime.worker_cmd, runtime.beat_cmd, services.flower, services.metrics,
-    sandbox.sandbox,
+    sandbox.sandbox, web.web_cmd,
 ):
     cli.add_command(command)
 inventory.guest_group.add_command(migrate.guest_move_cmd)
