@@ -4,7 +4,7 @@ exactly as the CLI does, so that a refusal has the CLI's words.
 Every function takes the store and the request's data and returns what is sent as JSON;
 a refusal is a ReplqError (the HTTP layer, app.py, maps it to a status code).
 
-    GET    /api/jobs[?guest=V][&node=N]  rows of `status --output-format json` (+ comment, remove_job)
+    GET    /api/jobs[?guest=V][&node=N]  rows of `status --output-format json` (+ comment, remove_job, status)
     POST   /api/jobs                     create; without id, the guest's lowest free VMID-N
     GET    /api/jobs/ID                  `read` (with the digest)
     PUT    /api/jobs/ID                  `update` (digest, delete)
@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from replq.errors import Conflict, ValidationError
-from replq.jobstate import status_row
+from replq.jobstate import state_cell, status_row
 from replq.model import Job, check_node_name, check_vmid, parse_bool, parse_job_id, show
 from replq.store import Store
 from replq.views import calendar_preview, check_digest, node_row, property_list, read_record
@@ -59,8 +59,10 @@ def list_jobs(store: Store, guest: str | None = None, node: str | None = None) -
         store.get_node(check_node_name(node))
         on_node = {g.vmid for g in store.list_guests() if g.node == node}
         rows = [r for r in rows if r[0].guest in on_node]
-    return [{**status_row(job, state, ns), "comment": job.comment, "remove_job": job.remove_job}
-            for job, state, ns in rows]
+    # The table also shows the comment, a pending removal, and the State cell of `replq status`
+    # (SYNCING with bytes, rate and ETA while a job runs).
+    return [{**status_row(job, state, ns), "comment": job.comment, "remove_job": job.remove_job,
+             "status": state_cell(state)} for job, state, ns in rows]
 
 
 def create_job(store: Store, body: dict[str, Any]) -> dict[str, Any]:

@@ -10,35 +10,10 @@ import time
 import pytest
 import redis
 
-from replq.model import Disk, Guest, Job, Node, Storage
+from replq.model import Job
 from replq.store import Store
 from tests.support.helpers import ok, refused
-
-
-def inproc(*args: str) -> str:
-    """A refused command run in this process through the real entry point (faster than a subprocess)."""
-    import contextlib
-    import io
-
-    from replq.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
-        main(list(args))
-    assert exc.value.code == 1 and err.getvalue().count("\n") == 1, (args, exc.value.code, err.getvalue())
-    return err.getvalue()
-
-
-@pytest.fixture
-def store(redis_url: str) -> Store:
-    s = Store.from_url(redis_url)
-    s.set_setting("timezone", "UTC")
-    for n in ("pve1", "pve2", "pve3"):
-        s.add_node(Node(n, f"10.0.0.{n[-1]}"))
-    s.add_storage(Storage("local-zfs", "rpool/data"))
-    for vmid in (100, 101, 102):
-        s.add_guest(Guest(vmid, "pve1", "lxc", [Disk(f"local-zfs:subvol-{vmid}-disk-0")]))
-    return s
+from tests.support.helpers import refused_inproc as inproc
 
 
 def test_create_list_read(store: Store) -> None:
