@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine (as root): system packages, a virtualenv in
 # .venv and replq installed into it with its test extra. Safe to run again; does little then.
+# chromium is for the web GUI's browser tests (Playwright drives /usr/bin/chromium; it never
+# downloads a browser of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in zfs-fuse openssh-server redis-server systemd; do
+for pkg in zfs-fuse openssh-server redis-server systemd chromium; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
