@@ -30,7 +30,7 @@ def sandbox() -> None:
 
 @sandbox.command("up")
 @click.option("--nodes", type=click.IntRange(1, 16), default=3, show_default=True)
-@click.option("--no-services", is_flag=True, help="Do not start beat, workers and Flower.")
+@click.option("--no-services", is_flag=True, help="Do not start beat, workers, Flower, the web GUI and metrics.")
 @click.option("--pool-size", default="1G", show_default=True, help="Size of each node's pool file (e.g. 512M, 4G).")
 @dir_option
 def up(nodes: int, no_services: bool, pool_size: str, directory: Path | None) -> None:
@@ -40,16 +40,17 @@ def up(nodes: int, no_services: bool, pool_size: str, directory: Path | None) ->
     nodes_text = ", ".join(f"{n} ({sb.node_info(n)['address']})" for n in sb.node_names())
     click.echo(f"sandbox up in {sb.dir}: {nodes_text}")
     click.echo(f"redis: {sb.redis_url}")
-    if sb.state.get("flower"):
-        f = sb.state["flower"]
-        click.echo(f"flower: {f['url']} (user {f['user']}, password {f['password']})")
+    for name in ("flower", "web"):
+        if sb.state.get(name):
+            f = sb.state[name]
+            click.echo(f"{name}: {f['url']} (user {f['user']}, password {f['password']})")
 
 
 @sandbox.command("status")
 @dir_option
 @output_option
 def status(directory: Path | None, output_format: str) -> None:
-    """Nodes, their processes, services, the Redis URL and Flower's address."""
+    """Nodes, their processes, services, the Redis URL, Flower's and the web GUI's addresses."""
     st = _existing(directory).status()
 
     def text() -> str:
@@ -59,9 +60,10 @@ def status(directory: Path | None, output_format: str) -> None:
             lines.append(f"{n['name']:<8}{n['state']:<9}{n['address']:<22}{pids}")
         for name, svc in st["services"].items():
             lines.append(f"{name:<8}{svc['state']:<9}pid={svc['pid']}")
-        if st.get("flower"):
-            f = st["flower"]
-            lines.append(f"flower  {f['url']} user={f['user']} password={f['password']}")
+        for name in ("flower", "web"):
+            if st.get(name):
+                f = st[name]
+                lines.append(f"{name:<8}{f['url']} user={f['user']} password={f['password']}")
         if st.get("metrics"):
             lines.append(f"metrics {st['metrics']['url']}")
         return "\n".join(lines)

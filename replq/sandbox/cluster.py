@@ -128,7 +128,7 @@ class Sandbox(NodeOps):
 
     # services ----------------------------------------------------------------------------------
     def start_services(self) -> None:
-        """Beat, a worker per node, Flower and the metrics exporter: whatever is not running."""
+        """Beat, a worker per node, Flower, the web GUI and the metrics exporter: whatever is not running."""
         services.start_sandbox_services(self)
 
     def stop_services(self) -> None:
@@ -161,5 +161,5 @@ class Sandbox(NodeOps):
                              "state": "up" if procs.alive(redis_rec) else "down"}
         return {"dir": str(self.dir), "nodes": nodes, "services": services,
                 "redis_url": self.state.get("redis", {}).get("url"), "flower": self.state.get("flower"),
-                "metrics": self.state.get("metrics")}
+                "web": self.state.get("web"), "metrics": self.state.get("metrics")}
 

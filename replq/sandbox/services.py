@@ -1,8 +1,9 @@
-"""The sandbox's services: beat, one worker per node (inside its node), Flower and the metrics exporter.
+"""The sandbox's services: beat, one worker per node (inside its node), Flower, the web GUI and the
+metrics exporter.
 
 `Sandbox.start_services()` calls `start_sandbox_services(sandbox)` on `sandbox up` and again on
 `sandbox start NODE`, so it starts only what is not running: a node that came back gets its
-worker again, a running beat or Flower is left alone. Every process is recorded (pid + start
+worker again, a running beat, Flower or web GUI is left alone. Every process is recorded (pid + start
 time) in the sandbox state, which is how `stop_services()`/`sandbox down` stop them by PID:
 workers under `nodes[<n>]["worker"]`, the rest under `services`.
 
@@ -33,7 +34,7 @@ from replq.procs import record as record_process
 # not import the cluster that imports it.
 Sandbox = Any
 
-FLOWER_USER = "admin"
+ADMIN_USER = "admin"
 READY_TIMEOUT = 45.0
 
 
@@ -103,13 +104,30 @@ def _http_answers(url: str) -> bool:
         with urllib.request.urlopen(url, timeout=2):
             return True
     except urllib.error.HTTPError:
-        return True  # Flower's 401 says it is up
+        return True  # a 401 says it is up
     except (OSError, ValueError):
         return False
 
 
+def _start_with_login(sandbox: Sandbox, name: str) -> str:
+    """Flower or the web GUI on a free port (the same as before if free) with generated credentials,
+    handed over in REPLQ_<NAME>_USER/_PASSWORD so that they do not show in `ps`; returns its URL."""
+    old = sandbox.state.get(name) or {}
+    user = old.get("user") or ADMIN_USER
+    password = old.get("password") or secrets.token_urlsafe(12)
+    port = free_port(preferred=_port_of(old.get("url")))
+    prefix = f"REPLQ_{name.upper()}_"
+    sandbox.state["services"][name] = _spawn_host(
+        sandbox, name, replq_argv(name, "--address", "127.0.0.1", "--port", str(port)),
+        {prefix + "USER": user, prefix + "PASSWORD": password})
+    url = f"http://127.0.0.1:{port}/"
+    sandbox.state[name] = {"url": url, "user": user, "password": password}
+    return url
+
+
 def start_sandbox_services(sandbox: Sandbox) -> list[str]:
-    """Start whatever of beat, workers, Flower and metrics is not running; returns what was started."""
+    """Start whatever of beat, workers, Flower, the web GUI and metrics is not running; returns what was
+    started."""
     state = sandbox.state
     services: dict[str, Any] = state.setdefault("services", {})
     started: list[str] = []
@@ -126,17 +144,11 @@ def start_sandbox_services(sandbox: Sandbox) -> list[str]:
     sandbox.save()
 
     waits: list[tuple[str, str]] = []
-    if not process_alive(services.get("flower")):
-        old = state.get("flower") or {}
-        user = old.get("user") or FLOWER_USER
-        password = old.get("password") or secrets.token_urlsafe(12)
-        port = free_port(preferred=_port_of(old.get("url")))
-        services["flower"] = _spawn_host(
-            sandbox, "flower", replq_argv("flower", "--address", "127.0.0.1", "--port", str(port)),
-            {"REPLQ_FLOWER_USER": user, "REPLQ_FLOWER_PASSWORD": password})
-        state["flower"] = {"url": f"http://127.0.0.1:{port}/", "user": user, "password": password}
-        waits.append(("flower", f"http://127.0.0.1:{port}/api/workers"))
-        started.append("flower")
+    for name, ready_path in (("flower", "api/workers"), ("web", "")):
+        if not process_alive(services.get(name)):
+            url = _start_with_login(sandbox, name)
+            waits.append((name, url + ready_path))
+            started.append(name)
 
     if not process_alive(services.get("metrics")):
         port = free_port(preferred=_port_of((state.get("metrics") or {}).get("url")))
@@ -152,7 +164,7 @@ def start_sandbox_services(sandbox: Sandbox) -> list[str]:
 
 
 def _wait_ready(sandbox: Sandbox, waits: list[tuple[str, str]]) -> None:
-    """Flower and metrics answer HTTP before `up` prints their URLs; a service that died says why."""
+    """Flower, the web GUI and metrics answer HTTP before `up` prints their URLs; a service that died says why."""
     pending = dict(waits)
     deadline = time.monotonic() + READY_TIMEOUT
     while pending:
