@@ -1,11 +1,13 @@
-"""Sandbox services on a real 2-node sandbox: beat, a worker inside each node, Flower with generated
-credentials and the metrics exporter; restarted selectively; all gone after `down`."""
+"""Sandbox services on a real 2-node sandbox: beat, a worker inside each node, Flower and the web GUI
+with generated credentials and the metrics exporter; restarted selectively; all gone after `down`."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ import pytest
 
 from replq.sandbox import Sandbox, process_alive, services
 from tests.support.cluster import sandbox_available
-from tests.support.helpers import wait_for
+from tests.support.helpers import REPO, wait_for
 
 pytestmark = pytest.mark.sandbox
 
@@ -64,7 +66,8 @@ def sb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
 
 def test_services_running_workers_inside_their_nodes(sb: Sandbox) -> None:
     st = sb.status()
-    assert {k for k, v in st["services"].items() if v["state"] == "up"} >= {"beat", "flower", "metrics", "redis"}
+    assert {k for k, v in st["services"].items() if v["state"] == "up"} >= {"beat", "flower", "web", "metrics",
+                                                                            "redis"}
     for name in sb.node_names():
         info = sb.node_info(name)
         worker = info["worker"]
@@ -74,7 +77,7 @@ def test_services_running_workers_inside_their_nodes(sb: Sandbox) -> None:
         env = Path(f"/proc/{worker['pid']}/environ").read_bytes().split(b"\0")
         assert f"REPLQ_NODE={name}".encode() in env
         assert next(n for n in st["nodes"] if n["name"] == name)["pids"]["worker"] == worker["pid"]
-    for name in ("beat", "flower", "metrics"):
+    for name in ("beat", "flower", "web", "metrics"):
         assert mnt_ns(sb.state["services"][name]["pid"]) == mnt_ns(os.getpid())
 
 
@@ -95,6 +98,21 @@ def test_flower_credentials_and_workers(sb: Sandbox) -> None:
     wait_for(both_workers, 60, "Flower to see both node workers")
 
 
+def test_web_gui_with_generated_credentials(sb: Sandbox) -> None:
+    r = subprocess.run([sys.executable, "-m", "replq", "sandbox", "status", "--dir", str(sb.dir), "--output-format",
+                        "json"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    web = json.loads(r.stdout)["web"]
+    assert set(web) == {"url", "user", "password"} and web["url"].startswith("http://127.0.0.1:")
+    assert len(web["password"]) >= 12
+    cmdline = Path(f"/proc/{sb.state['services']['web']['pid']}/cmdline").read_bytes()
+    assert web["password"].encode() not in cmdline
+    api = web["url"] + "api/nodes"
+    assert http(web["url"])[0] == 200  # the login page
+    assert http(api)[0] == 401
+    code, body = http(api, (web["user"], web["password"]))
+    assert code == 200 and [n["name"] for n in json.loads(body)] == ["node1", "node2"]
+
+
 def test_metrics_service(sb: Sandbox) -> None:
     code, body = http(sb.state["metrics"]["url"])
     assert code == 200 and b"replq_up 1.0" in body
@@ -107,6 +125,7 @@ def test_start_again_is_idempotent_and_restarts_a_node_worker(sb: Sandbox) -> No
     assert sb.state["services"] == before
 
     old_worker = sb.node_info("node2")["worker"]
+    web = dict(sb.state["web"])
     sb.stop_node("node2")
     assert not process_alive(old_worker) and "worker" not in sb.node_info("node2")
     sb.start_node("node2")
@@ -114,7 +133,7 @@ def test_start_again_is_idempotent_and_restarts_a_node_worker(sb: Sandbox) -> No
     new_worker = sb.node_info("node2")["worker"]
     assert process_alive(new_worker) and new_worker != old_worker
     assert mnt_ns(new_worker["pid"]) == mnt_ns(sb.node_info("node2")["zfs"]["pid"])
-    assert sb.state["services"] == before and sb.state["flower"] == flower
+    assert sb.state["services"] == before and sb.state["flower"] == flower and sb.state["web"] == web
 
 
 def test_down_leaves_no_service_process(sb: Sandbox) -> None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +23,7 @@ from replq.passwords import hash_password, is_hash, verify_password
 from replq.store import Store
 from replq.web.auth import Account
 from replq.web.server import make_app, settings_account
-from tests.support.helpers import ok, refused_inproc
+from tests.support.helpers import REPO, ok, refused_inproc, stop_procs, wait_for
 
 USER, PASSWORD = "admin", "s3cret-pass"
 HASH = hash_password(PASSWORD)
@@ -387,3 +391,37 @@ def test_account_from_the_settings_with_the_password_hashed(store: Store, redis_
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_replq_web_command(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replq web` as an operator runs it: account from the environment (the password may be its hash),
+    listening on --port; refused in one line without an account or with a malformed one."""
+    from replq.sandbox.services import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": REPO, "REPLQ_WEB_USER": "ops", "REPLQ_WEB_PASSWORD": HASH}
+    with open(tmp_path / "web.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "replq", "web", "--port", str(port)], env=env, cwd=REPO,
+                                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: proc.poll() is not None or urllib.request.urlopen(base + "/", timeout=2), 30,
+                 "replq web to answer", ignore=(OSError,))
+        assert proc.poll() is None, (tmp_path / "web.log").read_text()
+        assert Client(base, basic=("ops", PASSWORD)).ok("GET", "/api/jobs") == []
+        assert Client(base, basic=("admin", PASSWORD)).call("GET", "/api/jobs")[0] == 401
+    finally:
+        stop_procs([proc])
+    assert (tmp_path / "web.log").read_text().strip() == f"replq web: http://127.0.0.1:{port}/"
+    assert PASSWORD not in (tmp_path / "web.log").read_text()
+
+    monkeypatch.delenv("REPLQ_WEB_USER", raising=False)
+    monkeypatch.delenv("REPLQ_WEB_PASSWORD", raising=False)
+    assert cli_error("web") == ("no account for the web GUI: give --basic-auth USER:PASSWORD, set REPLQ_WEB_USER and "
+                                "REPLQ_WEB_PASSWORD, or `replq settings set web_user …` and `… web_password …`")
+    assert cli_error("web", "--basic-auth", "admin") == "--basic-auth: expected USER:PASSWORD with both parts non-empty"
+    assert cli_error("web", "--basic-auth", "ad min:s3cret-pass") == (
+        "--basic-auth: web_user: 1-64 characters of letters, digits, _ . @ -")
+    assert cli_error("web", "--basic-auth", "admin:short") == "--basic-auth: web_password: at least 8 characters"
+    monkeypatch.setenv("REPLQ_WEB_USER", "ops")
+    assert cli_error("web") == "REPLQ_WEB_USER/REPLQ_WEB_PASSWORD: set both (or neither)"
