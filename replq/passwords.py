@@ -1,8 +1,8 @@
 """Salted password hashes (scrypt), so the web GUI's password is never stored in clear text.
 
-The form is `scrypt:N:r:p$SALT$HASH` (salt and hash in hex). A value already in that form is
-taken as a hash, not as a password: a restored configuration or an environment file may carry
-the hash instead of the password.
+The form is `scrypt:N:r:p:SALT:HASH` (salt and hash in hex; no `$`, which shells, Compose and
+unit files would expand). A value already in that form is taken as a hash, not as a password: a
+restored configuration or an environment file may carry the hash instead of the password.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import secrets
 
 N, R, P = 1 << 14, 8, 1  # 16 MiB and about 50 ms per hash: cheap for a login, dear for a guesser
 DKLEN = 32
-HASH_RE = re.compile(r"scrypt:([0-9]{1,8}):([0-9]{1,3}):([0-9]{1,3})\$([0-9a-f]{16,128})\$([0-9a-f]{64})")
+HASH_RE = re.compile(r"scrypt:([0-9]{1,8}):([0-9]{1,3}):([0-9]{1,3}):([0-9a-f]{16,128}):([0-9a-f]{64})")
 MAX_MEM = 256 << 20
 
 
@@ -29,7 +29,7 @@ def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
 
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
-    return f"scrypt:{N}:{R}:{P}${salt.hex()}${_scrypt(password, salt, N, R, P).hex()}"
+    return f"scrypt:{N}:{R}:{P}:{salt.hex()}:{_scrypt(password, salt, N, R, P).hex()}"
 
 
 def verify_password(password: str, hashed: str) -> bool:

@@ -9,6 +9,7 @@ import click
 
 from replq.cli.base import Env, pass_env
 from replq.errors import ValidationError
+from replq.settings import check_setting
 from replq.web.auth import Account
 from replq.web.server import DEFAULT_PORT, fixed_account, serve, settings_account
 
@@ -29,9 +30,15 @@ def _fixed(account: Account) -> Callable[[], Account]:
 @click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--basic-auth", "basic_auth", metavar="USER:PASSWORD",
               help="The account (else REPLQ_WEB_USER/REPLQ_WEB_PASSWORD, else settings web_user/web_password).")
+@click.option("--hash-password", is_flag=True,
+              help="Read a password on stdin, print its salted hash (for REPLQ_WEB_PASSWORD) and exit.")
 @pass_env
-def web_cmd(env: Env, port: int, address: str, basic_auth: str | None) -> None:
+def web_cmd(env: Env, port: int, address: str, basic_auth: str | None, hash_password: bool) -> None:
     """The web GUI: replication panels for the cluster, each node and each guest, and /api/."""
+    if hash_password:
+        password = click.get_text_stream("stdin").readline().rstrip("\r\n")
+        click.echo(check_setting("web_password", password))
+        return
     store = env.store()
     user, password = os.environ.get("REPLQ_WEB_USER", ""), os.environ.get("REPLQ_WEB_PASSWORD", "")
     if basic_auth:

@@ -23,7 +23,7 @@ from replq.passwords import hash_password, is_hash, verify_password
 from replq.store import Store
 from replq.web.auth import Account
 from replq.web.server import make_app, settings_account
-from tests.support.helpers import REPO, ok, refused_inproc, stop_procs, wait_for
+from tests.support.helpers import REPO, ok, refused_inproc, run, stop_procs, wait_for
 
 USER, PASSWORD = "admin", "s3cret-pass"
 HASH = hash_password(PASSWORD)
@@ -425,3 +425,7 @@ def test_replq_web_command(redis_url: str, tmp_path: Path, monkeypatch: pytest.M
     assert cli_error("web", "--basic-auth", "admin:short") == "--basic-auth: web_password: at least 8 characters"
     monkeypatch.setenv("REPLQ_WEB_USER", "ops")
     assert cli_error("web") == "REPLQ_WEB_USER/REPLQ_WEB_PASSWORD: set both (or neither)"
+    # The hash for an environment file, made without storing anything.
+    printed = run("web", "--hash-password", stdin="correct horse\n")
+    assert printed.returncode == 0 and verify_password("correct horse", printed.stdout.strip())
+    assert run("web", "--hash-password", stdin="short\n").stderr == "replq: web_password: at least 8 characters\n"

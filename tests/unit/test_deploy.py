@@ -22,7 +22,8 @@ UNITS = ROOT / "deploy" / "systemd"
 VAR_RE = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::?[-?][^}]*)?\}")
 SAMPLE = {"REPLQ_REDIS_PASSWORD": "pw", "REPLQ_FLOWER_PASSWORD": "fpw", "REPLQ_NODE": "pve1",
           "REPLQ_REDIS_HOST": "10.0.0.1", "REPLQ_BIND": "127.0.0.1", "REPLQ_SSH_DIR": "/root/.ssh",
-          "REPLQ_FLOWER_USER": "admin", "REPLQ_NOTIFY_URL": ""}
+          "REPLQ_FLOWER_USER": "admin", "REPLQ_NOTIFY_URL": "", "REPLQ_WEB_USER": "admin",
+          "REPLQ_WEB_PASSWORD": "wpw"}
 
 
 def interpolate(value: str) -> str:
@@ -65,17 +66,19 @@ def test_parse_replq_rejects_what_replq_rejects() -> None:
 
 def test_compose_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) >= {"redis", "beat", "flower", "metrics", "worker"}
+    assert set(services) >= {"redis", "beat", "flower", "web", "metrics", "worker"}
     for name, svc in services.items():
         assert svc.get("restart") in ("always", "unless-stopped"), name
     commands = {}
-    for name in ("beat", "flower", "metrics", "worker"):
+    for name in ("beat", "flower", "web", "metrics", "worker"):
         argv = [interpolate(a) for a in services[name]["command"]]
         commands[name] = parse_replq(argv)
         assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
     assert commands["beat"][0] == "beat"
     assert commands["flower"] == ("flower", {"port": 5555, "address": "0.0.0.0", "basic_auth": None})
     assert commands["metrics"] == ("metrics", {"port": 9737, "address": "0.0.0.0"})
+    assert commands["web"] == ("web", {"port": 8737, "address": "0.0.0.0", "basic_auth": None,
+                                       "hash_password": False})
     assert commands["worker"][0] == "worker" and commands["worker"][1]["node"] == "pve1"
     assert (ROOT / "deploy" / "Dockerfile").exists()
 
@@ -89,7 +92,7 @@ def test_compose_redis_persistent_with_password(compose: dict[str, Any]) -> None
     assert password.startswith("${REPLQ_REDIS_PASSWORD:?"), "the password must be required, never defaulted"
     assert any(v.endswith(":/data") for v in redis["volumes"]) and "redis-data" in compose["volumes"]
     # Every replq service connects with that password.
-    for name in ("beat", "flower", "metrics", "worker"):
+    for name in ("beat", "flower", "web", "metrics", "worker"):
         url = interpolate(compose["services"][name]["environment"]["REPLQ_REDIS_URL"])
         assert url.startswith("redis://:pw@") and url.endswith(":6379/0"), (name, url)
     for svc in compose["services"].values():
@@ -97,10 +100,12 @@ def test_compose_redis_persistent_with_password(compose: dict[str, Any]) -> None
             assert interpolate(port).startswith("127.0.0.1:"), "published on loopback unless REPLQ_BIND says so"
 
 
-def test_compose_flower_needs_credentials(compose: dict[str, Any]) -> None:
-    env = compose["services"]["flower"]["environment"]
-    assert env["REPLQ_FLOWER_PASSWORD"].startswith("${REPLQ_FLOWER_PASSWORD:?")
-    assert interpolate(env["REPLQ_FLOWER_USER"]) == "admin"
+@pytest.mark.parametrize("name", ["flower", "web"])
+def test_compose_flower_and_web_need_credentials(compose: dict[str, Any], name: str) -> None:
+    env = compose["services"][name]["environment"]
+    prefix = f"REPLQ_{name.upper()}_"
+    assert env[prefix + "PASSWORD"].startswith(f"${{{prefix}PASSWORD:?")
+    assert interpolate(env[prefix + "USER"]) == "admin"
 
 
 def test_compose_worker_per_node_with_host_zfs_and_ssh(compose: dict[str, Any]) -> None:
@@ -139,7 +144,7 @@ def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
 
 
 UNIT_FILES = {"replq-worker@.service": "worker", "replq-beat.service": "beat",
-              "replq-flower.service": "flower", "replq-metrics.service": "metrics"}
+              "replq-flower.service": "flower", "replq-metrics.service": "metrics", "replq-web.service": "web"}
 
 
 @pytest.mark.parametrize("filename,command", sorted(UNIT_FILES.items()))
@@ -157,7 +162,7 @@ def test_systemd_unit(filename: str, command: str) -> None:
     if command == "worker":
         assert "--node %i" in exec_start and params["node"] == "pve1"
         assert svc["KillMode"] == ["mixed"] and svc.get("User", ["root"]) == ["root"]
-    if command == "flower":
+    if command in ("flower", "web"):
         assert params["address"] == "127.0.0.1"
 
 
@@ -167,7 +172,8 @@ def test_environment_file() -> None:
         if line.strip() and not line.startswith("#"):
             k, _, v = line.partition("=")
             env[k] = v
-    assert set(env) >= {"REPLQ_REDIS_URL", "REPLQ_FLOWER_USER", "REPLQ_FLOWER_PASSWORD", "REPLQ_SSH_KEY"}
+    assert set(env) >= {"REPLQ_REDIS_URL", "REPLQ_FLOWER_USER", "REPLQ_FLOWER_PASSWORD", "REPLQ_SSH_KEY",
+                        "REPLQ_WEB_USER", "REPLQ_WEB_PASSWORD"}
     assert env["REPLQ_REDIS_URL"].startswith("redis://:")  # with a password
 
 

@@ -33,7 +33,7 @@ def test_password_hashes_are_salted_and_verified() -> None:
     assert passwords.verify_password("s3cret-pass", HASH)
     assert not passwords.verify_password("s3cret-pasS", HASH)
     assert not passwords.verify_password("s3cret-pass", "s3cret-pass")  # a clear text is no hash
-    assert not passwords.verify_password("x", "scrypt:3:8:1$" + "00" * 16 + "$" + "00" * 32)  # N not a power of 2
+    assert not passwords.verify_password("x", "scrypt:3:8:1:" + "00" * 16 + ":" + "00" * 32)  # N not a power of 2
     assert passwords.verify_password("\udcff surrogate", passwords.hash_password("\udcff surrogate"))
 
 
