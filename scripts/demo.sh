@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job (README, "The demo"): a three-node sandbox cluster with its services (beat, a
-# worker inside each node, Flower, metrics), guests with data, replication jobs on one-minute
+# worker inside each node, Flower, the web GUI, metrics), guests with data, replication jobs on one-minute
 # schedules - one with a rate limit, one guest replicated to two targets - and proof that the
 # replicas are identical. Nothing here runs a job by hand: beat and the workers do it.
 #
@@ -28,7 +28,7 @@ elif "beat" not in svc:
     print("bare")
 else:
     down = [n["name"] for n in st["nodes"] if n["state"] != "up" or "worker" not in n["pids"]]
-    svc_ok = all(svc.get(s, {}).get("state") == "up" for s in ("beat", "flower", "metrics"))
+    svc_ok = all(svc.get(s, {}).get("state") == "up" for s in ("beat", "flower", "web", "metrics"))
     print("ok" if not down and svc_ok else "repair " + " ".join(down or [st["nodes"][0]["name"]]))' 2>/dev/null \
     || echo none
 }
@@ -52,7 +52,7 @@ case $health in
       say "clearing away a stopped sandbox"
       $R sandbox down
     fi
-    say "bringing up a 3-node sandbox cluster with beat, workers, Flower and metrics"
+    say "bringing up a 3-node sandbox cluster with beat, workers, Flower, the web GUI and metrics"
     $R sandbox up --nodes 3 ;;
 esac
 # Talk to this sandbox whatever REPLQ_REDIS_URL this shell had.
@@ -180,11 +180,13 @@ for node in node1 node2 node3; do
 done
 
 # --- where to look ---------------------------------------------------------------------------------
-say "Flower, metrics and the sandbox"
+say "the web GUI, Flower, metrics and the sandbox"
 $R sandbox status --output-format json | $PY -c '
 import json, sys
-f = json.load(sys.stdin).get("flower") or {}
-print("Flower:   %s  (user %s, password %s)" % (f.get("url"), f.get("user"), f.get("password")))'
+st = json.load(sys.stdin)
+for name, label in (("web", "Web GUI:"), ("flower", "Flower:")):
+    f = st.get(name) or {}
+    print("%-9s %s  (user %s, password %s)" % (label, f.get("url"), f.get("user"), f.get("password")))'
 metrics_url=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["metrics"]["url"])' \
   "$sandbox_dir/sandbox.json" 2>/dev/null || true)
 if [ -n "$metrics_url" ]; then
