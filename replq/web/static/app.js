@@ -16,6 +16,7 @@ const state = {
   selected: null,         // job id, kept while the table refreshes
   guests: [],
   nodes: [],
+  treeKey: null,
   timer: null,
   treeTimer: null,
   dialog: null,           // {mode: "add"|"edit", id, original, digest}
@@ -51,6 +52,7 @@ function showLogin(message) {
   clearTimeout(state.timer);
   clearTimeout(state.treeTimer);
   state.csrf = null;
+  state.treeKey = null;
   $("app-view").hidden = true;
   $("logout").hidden = true;
   $("whoami").textContent = "";
@@ -191,10 +193,15 @@ async function refreshTree() {
   clearTimeout(state.treeTimer);
   try {
     const [nodes, guests] = await Promise.all([api("GET", "/api/nodes"), api("GET", "/api/guests")]);
-    state.nodes = nodes;
-    state.guests = guests;
-    renderTree();
-    fillGuestOptions();
+    const key = JSON.stringify([nodes.map((n) => n.name), guests.map((g) => [g.vmid, g.node, g.type])]);
+    // Rebuild only on a change: a rebuilt tree would take the keyboard focus away.
+    if (key !== state.treeKey) {
+      state.treeKey = key;
+      state.nodes = nodes;
+      state.guests = guests;
+      renderTree();
+      fillGuestOptions();
+    }
   } catch (e) {
     if (e.status === 401) return;
     $("panel-error").textContent = e.message;
