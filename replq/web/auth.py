@@ -20,6 +20,7 @@ import binascii
 import hashlib
 import hmac
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,16 @@ BASIC_CACHE_SECONDS = 60
 BASIC_CACHE_SIZE = 64
 
 
+# Each password check costs 16 MiB and ~50 ms (scrypt): at most two at a time, however many
+# requests with credentials arrive at once.
+_CHECKS = threading.BoundedSemaphore(2)
+
+
+def _same(a: str, b: str) -> bool:
+    """Constant-time comparison of two texts from the network (any characters)."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
+
+
 @dataclass(frozen=True)
 class Account:
     user: str
@@ -41,8 +52,9 @@ class Account:
 
     def check(self, user: str, password: str) -> bool:
         # Hash even for a wrong user name, so the answer takes as long either way.
-        ok = verify_password(password, self.password_hash)
-        return ok and hmac.compare_digest(user.encode(), self.user.encode())
+        with _CHECKS:
+            ok = verify_password(password, self.password_hash)
+        return ok and _same(user, self.user)
 
 
 @dataclass(frozen=True)
@@ -63,7 +75,7 @@ class Authority:
         self._basic_ok: dict[bytes, float] = {}
 
     def _sign(self, text: str) -> str:
-        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self._key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
     # ---- login form and tickets --------------------------------------------------------------
     def login(self, user: str, password: str) -> Session | None:
@@ -85,7 +97,7 @@ class Authority:
         """The session a cookie's ticket stands for, if it is ours, unexpired and its user still the account's."""
         body, _, signature = ticket.rpartition(":")
         parts = body.split(":")
-        if len(parts) != 3 or not hmac.compare_digest(signature, self._sign("ticket:" + body)):
+        if len(parts) != 3 or not _same(signature, self._sign("ticket:" + body)):
             return None
         user, sid, issued = parts
         if not issued.isdigit() or self._clock() - int(issued) > TICKET_LIFETIME:
@@ -99,7 +111,7 @@ class Authority:
         return self._sign(f"csrf:{session.user}:{session.sid}")
 
     def csrf_ok(self, session: Session, token: str | None) -> bool:
-        return token is not None and hmac.compare_digest(token, self.csrf_token(session))
+        return token is not None and _same(token, self.csrf_token(session))
 
     # ---- HTTP Basic --------------------------------------------------------------------------
     def basic(self, header: str) -> str | None:
@@ -117,7 +129,8 @@ class Authority:
         if account is None:
             return None
         now = self._clock()
-        seen = hashlib.sha256(self._key + account.password_hash.encode() + b"\0" + header.encode()).digest()
+        seen = hashlib.sha256(self._key + account.password_hash.encode() + b"\0"
+                              + header.encode("utf-8", "surrogatepass")).digest()
         if self._basic_ok.get(seen, 0) > now:
             return account.user
         if not account.check(user, password):

@@ -172,6 +172,8 @@ def test_login_cookie_and_csrf_token(base: str, store: Store) -> None:
     assert other.csrf != token
     browser.csrf = other.csrf  # another session's token does not fit this cookie
     assert browser.refused("POST", "/api/jobs/100-0/disable", status=403).startswith("invalid or missing CSRF")
+    browser.csrf = "é" * 64  # garbage from the network is a refusal, not an error
+    assert browser.refused("POST", "/api/jobs/100-0/disable", status=403).startswith("invalid or missing CSRF")
     browser.csrf = token
     assert store.get_job("100-0").disable is False and created["id"] == "100-0"
     assert browser.ok("POST", "/api/jobs/100-0/disable")["disable"] is True
@@ -187,6 +189,8 @@ def test_login_cookie_and_csrf_token(base: str, store: Store) -> None:
     name, _, ticket = browser.cookie.partition("=")
     tampered = Client(base)
     tampered.cookie = f"{name}={ticket.replace(USER, 'root', 1)}"
+    assert tampered.call("GET", "/api/jobs")[0] == 401
+    tampered.cookie = f"{name}={ticket[:-1]}é"
     assert tampered.call("GET", "/api/jobs")[0] == 401
     _, _, hdrs = browser.call("POST", "/api/logout")
     assert hdrs["Set-Cookie"][0].startswith("REPLQAuthCookie=;") and "Max-Age=0" in hdrs["Set-Cookie"][0]
@@ -233,6 +237,14 @@ def test_list_read_update_delete_as_the_cli_shows_them(api: Client, store: Store
     assert api.ok("GET", "/api/jobs?node=pve3") == []
     assert api.refused("GET", "/api/jobs?node=pve9", status=404) == "no such cluster node 'pve9'"
     assert api.refused("GET", "/api/jobs?guest=abc") == cli_error("status", "--guest", "abc")
+
+    # While a job runs, its row carries the progress, and `status` reads as `replq status` shows it.
+    store.update_state("102-0", worker="replq@pve2")
+    store.set_progress("102-0", {"bytes": 12 * 2**20, "total": 48 * 2**20, "rate": 2e6, "eta": 17})
+    running = api.ok("GET", "/api/jobs?guest=102")[0]
+    assert running["state"] == "SYNCING" and running["progress"]["bytes"] == 12 * 2**20
+    assert running["status"] == "SYNCING 12.0 MiB of 48.0 MiB (25%), 2.0 MB/s, ETA 0:17"
+    assert running["status"] in ok("status")
 
     read = api.ok("GET", "/api/jobs/100-0")
     assert read == json.loads(ok("read", "100-0", "--output-format", "json"))

@@ -61,8 +61,11 @@ def test_login_ticket_and_csrf_token() -> None:
     other = auth.login("admin", "s3cret-pass")
     assert other is not None and not auth.csrf_ok(other, token)  # bound to its session
     # Tampered, foreign or garbage tickets are nothing.
-    for bad in (ticket.replace("admin", "admix", 1), ticket[:-1] + "0", "", "a:b", ":::", "admin:x:y:z"):
+    for bad in (ticket.replace("admin", "admix", 1), ticket[:-1] + "0", "", "a:b", ":::", "admin:x:y:z",
+                ticket[:-1] + "é", ticket + "\udcff"):
         assert auth.session(bad) is None, bad
+    assert not auth.csrf_ok(session, "é" * 64) and not auth.csrf_ok(session, "\ud800")
+    assert auth.login("\ud800", "s3cret-pass") is None and auth.login("admin", "\ud800") is None
     assert Authority(lambda: Account("admin", HASH), clock=clock).session(ticket) is None  # another key
     # Renewed once RENEW_AFTER old (same session, same CSRF token); expired after TICKET_LIFETIME unused.
     assert auth.renewal(session) is None
