@@ -1,4 +1,5 @@
-"""start_sandbox_services without nodes: the host services (beat, Flower, metrics), idempotence, stop by PID."""
+"""start_sandbox_services without nodes: the host services (beat, Flower, the web GUI, metrics), idempotence,
+stop by PID."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def bare(tmp_path: Path, redis_url: str) -> Sandbox:
 
 def test_host_services_start_once_and_stop_by_pid(bare: Sandbox) -> None:
     try:
-        assert set(services.start_sandbox_services(bare)) == {"beat", "flower", "metrics"}
-        assert set(bare.state["services"]) == {"beat", "flower", "metrics"}
+        assert set(services.start_sandbox_services(bare)) == {"beat", "flower", "web", "metrics"}
+        assert set(bare.state["services"]) == {"beat", "flower", "web", "metrics"}
         with urllib.request.urlopen(bare.state["metrics"]["url"], timeout=10) as r:
             assert b"replq_up 1.0" in r.read()
         recs = {k: dict(v) for k, v in bare.state["services"].items()}
@@ -36,14 +37,16 @@ def test_host_services_start_once_and_stop_by_pid(bare: Sandbox) -> None:
         Sandbox(bare.dir).stop_services()
 
 
-def test_flower_keeps_credentials_and_port_across_restarts(bare: Sandbox) -> None:
+def test_flower_and_web_keep_credentials_and_port_across_restarts(bare: Sandbox) -> None:
     try:
-        assert "flower" in services.start_sandbox_services(bare)
-        first = dict(bare.state["flower"])
-        assert set(first) == {"url", "user", "password"}
+        assert {"flower", "web"} <= set(services.start_sandbox_services(bare))
+        first = {name: dict(bare.state[name]) for name in ("flower", "web")}
+        assert set(first["flower"]) == set(first["web"]) == {"url", "user", "password"}
+        assert first["flower"]["password"] != first["web"]["password"]
         Sandbox(bare.dir).stop_services()
         bare = Sandbox(bare.dir)
-        assert "flower" in services.start_sandbox_services(bare)
-        assert bare.state["flower"] == first  # same URL and password after a restart
+        assert {"flower", "web"} <= set(services.start_sandbox_services(bare))
+        for name in ("flower", "web"):
+            assert bare.state[name] == first[name]  # same URL and password after a restart
     finally:
         Sandbox(bare.dir).stop_services()
