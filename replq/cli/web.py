@@ -37,7 +37,10 @@ def web_cmd(env: Env, port: int, address: str, basic_auth: str | None, hash_pass
     """The web GUI: replication panels for the cluster, each node and each guest, and /api/."""
     if hash_password:
         password = click.get_text_stream("stdin").readline().rstrip("\r\n")
-        click.echo(check_setting("web_password", password))
+        hashed = check_setting("web_password", password) if password else None
+        if hashed is None:
+            raise ValidationError("--hash-password: no password on stdin")
+        click.echo(hashed)
         return
     store = env.store()
     user, password = os.environ.get("REPLQ_WEB_USER", ""), os.environ.get("REPLQ_WEB_PASSWORD", "")

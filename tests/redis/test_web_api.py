@@ -441,3 +441,4 @@ def test_replq_web_command(redis_url: str, tmp_path: Path, monkeypatch: pytest.M
     printed = run("web", "--hash-password", stdin="correct horse\n")
     assert printed.returncode == 0 and verify_password("correct horse", printed.stdout.strip())
     assert run("web", "--hash-password", stdin="short\n").stderr == "replq: web_password: at least 8 characters\n"
+    assert run("web", "--hash-password", stdin="").stderr == "replq: --hash-password: no password on stdin\n"
