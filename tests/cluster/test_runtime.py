@@ -50,6 +50,7 @@ def rt(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     finally:
         r.stop_all()
         r.store.set_setting("retry_interval", 1800)
+        r.cleanup()  # later modules share the sandbox: none of this module's guests, jobs or datasets
     for name, p in [("beat", r.beat), *r.workers.items()]:
         assert p is not None and p.returncode == 0, f"{name} exited {p.returncode if p else None}"
 
