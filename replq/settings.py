@@ -25,6 +25,7 @@ from replq.calendar import system_timezone
 from replq.errors import ValidationError
 from replq.model import show
 from replq.passwords import hash_password, is_hash
+from replq.redact import HIDDEN, mask_url
 
 DEFAULT_RETRY_INTERVAL = 1800
 
@@ -127,6 +128,7 @@ class Setting:
     scheduling: bool = False  # changing it moves next_sync: the store reindexes every job
     env: str | None = None  # a service's environment variable that fills it when unset
     optional: bool = False  # an empty value unsets it
+    shown: Callable[[Any], Any] | None = None  # how `settings show` shows a secret (masked)
 
 
 SETTINGS: dict[str, Setting] = {
@@ -142,15 +144,16 @@ SETTINGS: dict[str, Setting] = {
                 "program run when a job fails (argv; never through a shell)", env="REPLQ_NOTIFY_COMMAND",
                 optional=True),
         Setting("notify_url", None, _notify_url, "http(s) URL that receives a JSON POST when a job fails",
-                env="REPLQ_NOTIFY_URL", optional=True),
+                env="REPLQ_NOTIFY_URL", optional=True, shown=lambda v: mask_url(str(v))),
         Setting("notify_every", None, _positive_int("notify_every"),
                 "after the third consecutive failure, notify every N-th (default 10)", env="REPLQ_NOTIFY_EVERY",
                 optional=True),
         Setting("flower_user", None, _login_user("flower_user"), "Flower's basic-auth user", optional=True),
-        Setting("flower_password", None, _flower_password, "Flower's basic-auth password", optional=True),
+        Setting("flower_password", None, _flower_password, "Flower's basic-auth password", optional=True,
+                shown=lambda v: HIDDEN),
         Setting("web_user", None, _login_user("web_user"), "the web GUI's user", optional=True),
         Setting("web_password", None, _web_password, "the web GUI's password (stored as a salted scrypt hash)",
-                optional=True),
+                optional=True, shown=lambda v: HIDDEN),
     )
 }
 
@@ -175,6 +178,15 @@ def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
     out.update(stored)
     if not out.get("timezone"):
         out["timezone"] = system_timezone()
+    return out
+
+
+def masked(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings as `settings show` prints them: secrets masked (a webhook URL keeps its host)."""
+    out = {}
+    for key, value in values.items():
+        setting = SETTINGS.get(key)
+        out[key] = setting.shown(value) if setting and setting.shown and value is not None else value
     return out
 
 

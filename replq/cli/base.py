@@ -15,7 +15,7 @@ from typing import Any
 import click
 import redis
 
-from replq import context
+from replq import context, redact
 from replq.errors import ReplqError
 from replq.output import FORMATS, render_data
 from replq.store import Store
@@ -31,7 +31,9 @@ class Env:
 
     @property
     def redis_url(self) -> str:
-        return context.redis_url(self._redis)
+        url = context.redis_url(self._redis)
+        redact.remember(url)  # whatever error text quotes it, fail() hides its password
+        return url
 
     @property
     def node(self) -> str:
@@ -72,7 +74,8 @@ def emit(data: Any, fmt: str, text: Callable[[], str] | str | None = None) -> No
 
 
 def fail(message: str, code: int = 1) -> None:
-    """Refuse with one line on stderr."""
+    """Refuse with one line on stderr (never with a password of the Redis URL in it)."""
+    message = redact.scrub(message)
     prefix = "" if message.startswith("replq") else "replq: "
     click.echo(f"{prefix}{message}", err=True)
     sys.exit(code)

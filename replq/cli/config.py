@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from replq import settings
 from replq.cfgfile import export_jobs, parse
 from replq.cli.base import Env, emit, output_option, pass_env
 from replq.errors import Conflict, ValidationError
@@ -24,7 +25,7 @@ def settings_group() -> None:
 @pass_env
 def settings_show(env: Env, output_format: str) -> None:
     """Show the cluster settings."""
-    s = env.store().get_settings()
+    s = settings.masked(env.store().get_settings())
     emit(s, output_format, lambda: table(["key", "value"], sorted(s.items())))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from replq.cli.base import emit, output_option
+from replq.redact import redact_url
 from replq.sandbox import Sandbox, SandboxError, default_dir
 
 
@@ -39,7 +40,7 @@ def up(nodes: int, no_services: bool, pool_size: str, directory: Path | None) ->
     sb.up(nodes=nodes, services=not no_services, pool_size=pool_size)
     nodes_text = ", ".join(f"{n} ({sb.node_info(n)['address']})" for n in sb.node_names())
     click.echo(f"sandbox up in {sb.dir}: {nodes_text}")
-    click.echo(f"redis: {sb.redis_url}")
+    click.echo(f"redis: {redact_url(sb.redis_url)}")  # the full URL: sandbox env / status --output-format json
     for name in ("flower", "web"):
         if sb.state.get(name):
             f = sb.state[name]
@@ -54,7 +55,7 @@ def status(directory: Path | None, output_format: str) -> None:
     st = _existing(directory).status()
 
     def text() -> str:
-        lines = [f"sandbox {st['dir']}", f"redis   {st['redis_url']}"]
+        lines = [f"sandbox {st['dir']}", f"redis   {redact_url(st['redis_url'])}"]
         for n in st["nodes"]:
             pids = " ".join(f"{k}={v}" for k, v in n["pids"].items()) or "-"
             lines.append(f"{n['name']:<8}{n['state']:<9}{n['address']:<22}{pids}")

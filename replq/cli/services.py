@@ -10,13 +10,13 @@ import ipaddress
 import os
 import socket
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
 import redis
 
 from replq.cli.base import Env, pass_env
 from replq.errors import ValidationError
+from replq.redact import redact_url
 from replq.store import Store
 
 FLOWER_PORT = 5555
@@ -91,7 +91,7 @@ def flower(env: Env, port: int, address: str, basic_auth: str | None) -> None:
     from replq.app import make_app
 
     app = make_app(env.redis_url)
-    click.echo(f"replq flower: http://{_url_host(address)}:{port}/ (broker {_redacted(env.redis_url)}"
+    click.echo(f"replq flower: http://{_url_host(address)}:{port}/ (broker {redact_url(env.redis_url)}"
                f"{', basic auth' if credentials else ''})", err=True)
     app.start(["flower", f"--port={port}", f"--address={address}"])
 
@@ -120,8 +120,3 @@ def _url_host(address: str) -> str:
     if address in ("", "0.0.0.0", "::"):
         return socket.gethostname()
     return f"[{address}]" if ":" in address else address
-
-
-def _redacted(url: str) -> str:
-    p = urlsplit(url)
-    return f"{p.scheme}://{p.hostname}{':' + str(p.port) if p.port else ''}{p.path}"

@@ -47,6 +47,7 @@ from replq.model import (
     show,
     trusted,
 )
+from replq.redact import redact_url
 
 DEFAULT_PREFIX = "replq:"
 LOCK_KINDS = ("guest", "job", "beat", "migrate", "queued")
@@ -128,7 +129,7 @@ class StoreBase:
         try:
             return cls(redis.Redis.from_url(url, decode_responses=True), prefix)
         except ValueError as exc:
-            raise ValidationError(f"invalid Redis URL '{show(url)}': {exc}") from None
+            raise ValidationError(f"invalid Redis URL '{show(redact_url(url))}': {exc}") from None
 
     # ---- keys ---------------------------------------------------------------------------
     def k(self, *parts: object) -> str:
