@@ -13,6 +13,7 @@
     ├── HostKeyMismatch             the node's SSH host key is not the pinned one
     ├── MigrationRefused            migrate / guest move refused; nothing was changed
     ├── SandboxError                the sandbox cannot do what was asked
+    ├── UntrustedProgram            a program replq would run as root is not root's alone (hooks.py)
     └── ServiceError                an outside system failed (Redis, SSH, zfs, a transfer)
         ├── NodeUnreachable         cannot connect or log in over SSH
         ├── ConnectionLost          an established SSH connection broke or stalled
@@ -77,6 +78,10 @@ class SandboxError(ReplqError):
 
 
 # ---- plan refusals (pure decisions, nothing touched) ----------------------------------------
+
+
+class UntrustedProgram(ReplqError):
+    """A program replq would run is not owned by root, or it or a directory above it is writable by others."""
 
 
 class PlanError(ReplqError):

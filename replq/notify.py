@@ -1,18 +1,23 @@
 """Failure notification: tell an operator that a replication job failed, without nagging.
 
-The worker task calls `job_failed(store, job_id)` after a failed run. If the cluster settings
-name a hook, it is called at fail_count 1, 2 and 3, then only at every `notify_every`-th
-consecutive failure (default 10: with the 30-minute retry interval, every five hours), so a
-job stuck in error state does not page someone on every retry forever.
+The worker task calls `job_failed(store, job_id)` after a failed run. If a hook is configured,
+it is called at fail_count 1, 2 and 3, then only at every `notify_every`-th consecutive failure
+(default 10: with the 30-minute retry interval, every five hours), so a job stuck in error
+state does not page someone on every retry forever.
 
-Settings (cluster settings in the store, read defensively: a missing or odd value means "off";
-each falls back to the worker's environment variable REPLQ_NOTIFY_COMMAND / _URL / _EVERY):
-    notify_command   argv of a program to run (a JSON list, or a string split like a shell
-                     would split words; never run through a shell). It gets the facts in its
-                     environment: REPLQ_EVENT, REPLQ_JOB_ID, REPLQ_JOB_GUEST, REPLQ_JOB_TARGET,
-                     REPLQ_JOB_SOURCE, REPLQ_FAIL_COUNT, REPLQ_ERROR, REPLQ_LAST_TRY.
-    notify_url       http(s) URL that receives the same facts as a JSON POST.
-    notify_every     after the third failure, notify every N-th failure (default 10, min 1).
+Configuration:
+    REPLQ_NOTIFY_COMMAND  the program to run, from the environment of this node's service only
+                          (/etc/replq/replq.env), never from Redis: whoever can write to Redis
+                          must not choose what runs as root. Split into words like a shell
+                          would, never run by one; the program must be root's alone (hooks.py).
+                          Its environment is clean (hooks.clean_environment) plus the facts:
+                          REPLQ_EVENT, REPLQ_JOB_ID, REPLQ_JOB_GUEST, REPLQ_JOB_TARGET,
+                          REPLQ_JOB_SOURCE, REPLQ_FAIL_COUNT, REPLQ_ERROR, REPLQ_LAST_TRY.
+    notify_url            cluster setting (else REPLQ_NOTIFY_URL): an http(s) URL that
+                          receives the same facts as a JSON POST.
+    notify_every          cluster setting (else REPLQ_NOTIFY_EVERY): after the third failure,
+                          notify every N-th (default 10, min 1).
+A `notify_command` left in the cluster settings by an older replq is ignored with a warning.
 
 A hook that fails or hangs is logged and given up on (short timeouts); it never fails the task.
 """
@@ -23,14 +28,14 @@ import json
 import logging
 import os
 import shlex
-import signal
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from typing import Any
-from urllib.parse import urlsplit
 
+from replq import hooks
+from replq.errors import UntrustedProgram
+from replq.redact import mask_url
 from replq.settings import SETTINGS
 
 log = logging.getLogger("replq.notify")
@@ -48,10 +53,13 @@ def should_notify(fail_count: int, every: int = DEFAULT_EVERY) -> bool:
     return fail_count <= FIRST_NOTIFICATIONS or fail_count % max(1, every) == 0
 
 
+COMMAND_ENV = "REPLQ_NOTIFY_COMMAND"
+
+
 def _with_env(settings: dict[str, Any]) -> dict[str, Any]:
     """Cluster settings win; a worker's environment (e.g. /etc/replq/replq.env) fills the gaps."""
     out = dict(settings)
-    for key in ("notify_command", "notify_url", "notify_every"):
+    for key in ("notify_url", "notify_every"):
         env = SETTINGS[key].env
         if out.get(key) in (None, "", []) and env:
             value = os.environ.get(env)
@@ -60,28 +68,30 @@ def _with_env(settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def node_command() -> list[str] | None:
+    """The notification program of this node (REPLQ_NOTIFY_COMMAND), as argv; None if unset or unusable."""
+    raw = os.environ.get(COMMAND_ENV, "")
+    try:
+        return shlex.split(raw) or None
+    except ValueError:
+        log.warning("%s: cannot split %r into words; ignored", COMMAND_ENV, raw)
+        return None
+
+
 def hook_settings(settings: dict[str, Any]) -> tuple[list[str] | None, str | None, int]:
-    """(command argv, webhook URL, every) from the settings (or environment); invalid values are ignored."""
+    """(command argv from this node, webhook URL, every) from the settings (or environment);
+    invalid values are ignored."""
     settings = _with_env(settings)
-    command: list[str] | None = None
-    raw = settings.get("notify_command")
-    if isinstance(raw, list) and raw and all(isinstance(a, str) and a for a in raw):
-        command = list(raw)
-    elif isinstance(raw, str) and raw.strip():
-        try:
-            command = shlex.split(raw) or None
-        except ValueError:
-            log.warning("notify_command: cannot split %r into words; ignored", raw)
     url = settings.get("notify_url")
     if not (isinstance(url, str) and url.lower().startswith(("http://", "https://"))):
         if url:
-            log.warning("notify_url: only http:// and https:// URLs are used; ignored %r", url)
+            log.warning("notify_url: only http:// and https:// URLs are used; ignored %s", mask_url(str(url)))
         url = None
     try:
         every = max(1, int(settings.get("notify_every") or DEFAULT_EVERY))
     except (TypeError, ValueError):
         every = DEFAULT_EVERY
-    return command, url, every
+    return node_command(), url, every
 
 
 def failure_facts(store: Any, job_id: str) -> dict[str, Any]:
@@ -111,6 +121,9 @@ def job_failed(store: Any, job_id: str) -> list[str]:
     Never raises: a notification problem must not turn into a task failure or a retry storm.
     """
     try:
+        if "notify_command" in store.retired_settings():
+            log.warning("notify_command in the cluster settings is ignored: the notification program is set on "
+                        "each node (%s in /etc/replq/replq.env)", COMMAND_ENV)
         command, url, every = hook_settings(store.get_settings())
         if not command and not url:
             return []
@@ -129,8 +142,7 @@ def job_failed(store: Any, job_id: str) -> list[str]:
 
 
 def _env(facts: dict[str, Any]) -> dict[str, str]:
-    env = dict(os.environ)
-    values = {
+    return hooks.clean_environment({
         "REPLQ_EVENT": facts["event"],
         "REPLQ_JOB_ID": facts["job"],
         "REPLQ_JOB_GUEST": facts["guest"],
@@ -139,36 +151,19 @@ def _env(facts: dict[str, Any]) -> dict[str, str]:
         "REPLQ_FAIL_COUNT": facts["fail_count"],
         "REPLQ_ERROR": facts["error"],
         "REPLQ_LAST_TRY": int(facts["last_try"] or 0),
-    }
-    # An environment value cannot hold NUL; the error text is operator text and may be long.
-    env.update({k: str(v).replace("\x00", " ")[:4096] for k, v in values.items()})
-    return env
+    })
 
 
 def run_command(argv: list[str], facts: dict[str, Any], timeout: float = COMMAND_TIMEOUT) -> bool:
-    """Run the hook program (no shell); True if it exited 0. A hung hook is killed with its children."""
+    """Run the node's notification program (root's alone, no shell, clean environment); True if it
+    exited 0. A hung program is killed with its children."""
     try:
-        proc = subprocess.Popen(argv, env=_env(facts), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    except OSError as exc:
-        log.warning("notify %s: cannot run %s: %s", facts["job"], argv[0], exc)
-        return False
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate()
-        log.warning("notify %s: %s timed out after %.0f s; killed", facts["job"], argv[0], timeout)
-        return False
-    if proc.returncode != 0:
-        tail = out.decode(errors="replace").strip().splitlines()[-1:] if out else []
-        log.warning("notify %s: %s exited %d%s", facts["job"], argv[0], proc.returncode,
-                    f": {tail[0]}" if tail else "")
-        return False
-    return True
+        ok, why = hooks.run_program(argv, _env(facts), timeout)
+    except UntrustedProgram as exc:
+        ok, why = False, str(exc)
+    if not ok:
+        log.warning("notify %s: %s", facts["job"], why)
+    return ok
 
 
 def post_webhook(url: str, facts: dict[str, Any], timeout: float = WEBHOOK_TIMEOUT) -> bool:
@@ -180,13 +175,6 @@ def post_webhook(url: str, facts: dict[str, Any], timeout: float = WEBHOOK_TIMEO
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - scheme checked above
             return 200 <= resp.status < 300
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        log.warning("notify %s: webhook %s failed: %s", facts["job"], _redact(url), exc)
+        log.warning("notify %s: webhook %s failed: %s", facts["job"], mask_url(url), exc)
         return False
 
-
-def _redact(url: str) -> str:
-    """The URL without credentials or query (a webhook URL often embeds a token)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"

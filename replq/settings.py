@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,15 +60,6 @@ def _liveness_window(text: str) -> int:
     if not 10 <= v <= 3600:
         raise ValidationError("liveness_window: value must be between 10 and 3600 seconds")
     return v
-
-
-def _notify_command(text: str) -> str:
-    try:
-        if not shlex.split(text):
-            raise ValueError
-    except ValueError:
-        raise ValidationError("notify_command: not a command line (unbalanced quotes?)") from None
-    return text
 
 
 def _notify_url(text: str) -> str:
@@ -140,9 +130,6 @@ SETTINGS: dict[str, Setting] = {
                 "time zone of calendar events and of every time shown (default: the system's)", scheduling=True),
         Setting("liveness_window", 60, _liveness_window,
                 "a node whose worker sent a heartbeat within this many seconds is alive (10..3600)"),
-        Setting("notify_command", None, _notify_command,
-                "program run when a job fails (argv; never through a shell)", env="REPLQ_NOTIFY_COMMAND",
-                optional=True),
         Setting("notify_url", None, _notify_url, "http(s) URL that receives a JSON POST when a job fails",
                 env="REPLQ_NOTIFY_URL", optional=True, shown=lambda v: mask_url(str(v))),
         Setting("notify_every", None, _positive_int("notify_every"),
@@ -158,10 +145,21 @@ SETTINGS: dict[str, Setting] = {
 }
 
 
+# Keys that were cluster settings once; a stored value is ignored (and may be unset with '').
+RETIRED = {
+    "notify_command": "notify_command is not a cluster setting: a program that runs as root is set on each node "
+                      "(REPLQ_NOTIFY_COMMAND in /etc/replq/replq.env)",
+}
+
+
 def check_setting(key: str, value: Any) -> Any:
     """Validate one cluster setting; returns the typed value, or None when an optional setting
     is given an empty value (it is then unset)."""
     setting = SETTINGS.get(key)
+    if key in RETIRED and str(value).strip() == "":
+        return None
+    if key in RETIRED:
+        raise ValidationError(RETIRED[key])
     if setting is None:
         raise ValidationError(f"unknown setting '{show(key)}' (known: {', '.join(SETTINGS)})")
     text = str(value)
@@ -173,9 +171,10 @@ def check_setting(key: str, value: Any) -> Any:
 
 
 def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
-    """The stored settings completed by their defaults (timezone: the system's)."""
+    """The stored settings completed by their defaults (timezone: the system's); stored keys
+    that are not settings (RETIRED ones) are left out."""
     out = {k: s.default for k, s in SETTINGS.items() if s.default is not None}
-    out.update(stored)
+    out.update((k, v) for k, v in stored.items() if k in SETTINGS)
     if not out.get("timezone"):
         out["timezone"] = system_timezone()
     return out

@@ -25,7 +25,11 @@ def settings_group() -> None:
 @pass_env
 def settings_show(env: Env, output_format: str) -> None:
     """Show the cluster settings."""
-    s = settings.masked(env.store().get_settings())
+    store = env.store()
+    s = settings.masked(store.get_settings())
+    for key in store.retired_settings():
+        click.echo(f"replq: warning: ignored stored setting {key}: {settings.RETIRED.get(key, 'unknown key')}; "
+                   f"unset it with: replq settings set {key} ''", err=True)
     emit(s, output_format, lambda: table(["key", "value"], sorted(s.items())))
 
 

@@ -22,7 +22,7 @@ from replq.model import (
     show,
     trusted,
 )
-from replq.settings import changes_schedule, check_setting
+from replq.settings import SETTINGS, changes_schedule, check_setting
 from replq.store.keys import READ_CHUNK, REINDEX_CHUNK, StoreBase, _json, job_digest
 
 
@@ -260,9 +260,13 @@ class JobStore(StoreBase):
             self.redis.hdel(self.k("settings"), key)
         else:
             self.redis.hset(self.k("settings"), key, json.dumps(value))
-        if changes_schedule(key):
+        if key in SETTINGS and changes_schedule(key):
             self.reindex_all(now)
         return value
+
+    def retired_settings(self) -> list[str]:
+        """Stored keys that are no longer cluster settings (an old notify_command): ignored."""
+        return sorted(k for k in self.redis.hkeys(self.k("settings")) if k not in SETTINGS)
 
     # ---- schedule index -----------------------------------------------------------------
     def _queue_index(self, pipe: Any, job: Job, state: JobState, settings: dict[str, Any], now: float) -> None:

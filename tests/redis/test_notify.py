@@ -1,8 +1,10 @@
-"""Failure notification: a real hook program and a real local HTTP server, job state in a private Redis."""
+"""Failure notification: a real hook program and a real local HTTP server, job state in a private Redis.
+The program comes from the node's environment only, must be root's alone and gets a clean environment."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -12,9 +14,11 @@ from typing import Any
 
 import pytest
 
-from replq import notify
+from replq import hooks, notify
+from replq.errors import UntrustedProgram
 from replq.model import Disk, Guest, Job, Node, Storage
 from replq.store import Store
+from tests.support.helpers import run
 
 HOOK = """\
 import json, os, sys
@@ -26,7 +30,7 @@ with open(sys.argv[1], "a") as f:
 
 
 def set_settings(store: Store, **values: Any) -> None:
-    # `settings set` may not know the notify_* keys yet; they live in the same settings hash.
+    # Written as any Redis client could (notify_command included, which `settings set` refuses).
     for key, value in values.items():
         store.redis.hset(store.k("settings"), key, json.dumps(value))
 
@@ -61,12 +65,13 @@ def test_should_notify_schedule() -> None:
     assert [n for n in range(1, 13) if notify.should_notify(n, every=4)] == [1, 2, 3, 4, 8, 12]
 
 
-def test_command_hook_fires_at_1_2_3_then_every_10th(store: Store, tmp_path: Path) -> None:
+def test_command_hook_fires_at_1_2_3_then_every_10th(store: Store, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "calls.jsonl"
     script = tmp_path / "hook.py"
     script.write_text(HOOK)
     # A string is split into words (never given to a shell): the quotes keep "a b" one argument.
-    set_settings(store, notify_command=f"{sys.executable} {script} {out} 'a b' '$HOME;x'")
+    monkeypatch.setenv("REPLQ_NOTIFY_COMMAND", f"{sys.executable} {script} {out} 'a b' '$HOME;x'")
     error = "storage 'local-zfs' is not available on node 'pve2'"
     results = [fail_once(store, "100-0", error) for _ in range(21)]
     assert [i + 1 for i, r in enumerate(results) if r] == [1, 2, 3, 10, 20]
@@ -83,18 +88,20 @@ def test_command_hook_fires_at_1_2_3_then_every_10th(store: Store, tmp_path: Pat
     assert fail_once(store, "100-0", "boom") == ["command"]
 
 
-def test_command_as_list_and_broken_hooks_never_raise(store: Store, tmp_path: Path) -> None:
+def test_notify_every_and_broken_hooks_never_raise(store: Store, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "calls.jsonl"
     script = tmp_path / "hook.py"
     script.write_text(HOOK)
-    set_settings(store, notify_command=[sys.executable, str(script), str(out)], notify_every=2)
+    monkeypatch.setenv("REPLQ_NOTIFY_COMMAND", f"{sys.executable} {script} {out}")
+    set_settings(store, notify_every=2)
     assert [bool(fail_once(store, "100-0", "x")) for _ in range(6)] == [True, True, True, True, False, True]
 
-    set_settings(store, notify_command=[str(tmp_path / "missing-program")])
+    monkeypatch.setenv("REPLQ_NOTIFY_COMMAND", str(tmp_path / "missing-program"))
     assert fail_once(store, "100-0", "x") == []  # fail_count 7 would not fire anyway
     store.update_state("100-0", fail_count=0)
     assert fail_once(store, "100-0", "x") == []  # program missing: logged, not raised
-    set_settings(store, notify_command=[sys.executable, "-c", "import sys; sys.exit(3)"])
+    monkeypatch.setenv("REPLQ_NOTIFY_COMMAND", f"{sys.executable} -c 'import sys; sys.exit(3)'")
     assert fail_once(store, "100-0", "x") == []
     store.update_state("100-0", fail_count=0)
     r = notify.run_command([sys.executable, "-c", "import time; time.sleep(60)"],
@@ -163,18 +170,104 @@ def test_no_hook_configured(store: Store) -> None:
     assert fail_once(store, "100-0", "x") == []
 
 
-def test_environment_fallback(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without cluster settings, a worker's environment (systemd's replq.env) configures the hook."""
+def test_environment_fallback(store: Store, receiver: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The webhook and notify_every come from the worker's environment unless the cluster sets them."""
+    monkeypatch.setenv("REPLQ_NOTIFY_URL", receiver)
+    monkeypatch.setenv("REPLQ_NOTIFY_EVERY", "5")
+    assert [bool(fail_once(store, "100-0", "x")) for _ in range(5)] == [True, True, True, False, True]
+    set_settings(store, notify_url=receiver.replace("/hooks/", "/cluster/"))  # the cluster setting wins
+    store.update_state("100-0", fail_count=0)
+    assert fail_once(store, "100-0", "x") == ["webhook"]
+    assert [p.split("?")[0] for p, _, _ in Receiver.received] == ["/hooks/replq"] * 4 + ["/cluster/replq"]
+
+
+def test_a_command_set_in_redis_is_never_executed(store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever can write to Redis cannot make a worker run a program: notify_command in the
+    store is ignored with a warning, and `settings set` refuses it."""
     out = tmp_path / "calls.jsonl"
     script = tmp_path / "hook.py"
     script.write_text(HOOK)
-    monkeypatch.setenv("REPLQ_NOTIFY_COMMAND", f"{sys.executable} {script} {out}")
-    monkeypatch.setenv("REPLQ_NOTIFY_EVERY", "5")
-    assert [bool(fail_once(store, "100-0", "x")) for _ in range(5)] == [True, True, True, False, True]
-    set_settings(store, notify_command=[sys.executable, "-c", "pass"])  # the cluster setting wins
-    store.update_state("100-0", fail_count=0)
+    set_settings(store, notify_command=f"{sys.executable} {script} {out}")
+    set_settings(store, notify_command=[sys.executable, str(script), str(out)])
+    with caplog.at_level("WARNING", logger="replq.notify"):
+        assert fail_once(store, "100-0", "x") == []
+    assert not out.exists()
+    assert "notify_command in the cluster settings is ignored" in caplog.text
+    # The node's own command still runs, and only it.
+    monkeypatch.setenv("REPLQ_NOTIFY_COMMAND", f"{sys.executable} {script} {out} node")
     assert fail_once(store, "100-0", "x") == ["command"]
-    assert len(out.read_text().splitlines()) == 4
+    assert [json.loads(line)["argv"] for line in out.read_text().splitlines()] == [["node"]]
+
+    r = run("settings", "set", "notify_command", f"{sys.executable} {script} {out}")
+    assert r.returncode == 1 and "not a cluster setting" in r.stderr and "REPLQ_NOTIFY_COMMAND" in r.stderr
+    shown = run("settings", "show", "--output-format", "json")
+    assert "notify_command" not in json.loads(shown.stdout)
+    assert "warning: ignored stored setting notify_command" in shown.stderr
+    assert run("settings", "set", "notify_command", "").returncode == 0  # the operator cleans it up
+    assert store.retired_settings() == []
+
+
+def write_program(path: Path, body: str = "") -> Path:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("unsafe", ["world-writable", "group-writable", "not root's", "in a writable directory"])
+def test_an_unsafe_program_is_refused(store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                      monkeypatch: pytest.MonkeyPatch, unsafe: str) -> None:
+    marker = tmp_path / "ran"
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    program = write_program(directory / "alert", f"touch {marker}")
+    assert hooks.trusted_program(str(program)) == program  # root's alone: would run
+    if unsafe == "world-writable":
+        program.chmod(0o757)
+    elif unsafe == "group-writable":
+        program.chmod(0o775)
+    elif unsafe == "not root's":
+        os.chown(program, 65534, 65534)
+    else:
+        directory.chmod(0o777)
+    with pytest.raises(UntrustedProgram, match="refusing to run"):
+        hooks.trusted_program(str(program))
+    monkeypatch.setenv("REPLQ_NOTIFY_COMMAND", str(program))
+    with caplog.at_level("WARNING", logger="replq.notify"):
+        assert fail_once(store, "100-0", "x") == []
+    assert not marker.exists()
+    assert f"refusing to run {program}" in caplog.text
+
+
+def test_relative_and_bare_program_names(tmp_path: Path) -> None:
+    with pytest.raises(UntrustedProgram, match="absolute path"):
+        hooks.trusted_program("bin/alert")
+    assert str(hooks.trusted_program("true")).endswith("/true")  # found in the safe PATH only
+    with pytest.raises(UntrustedProgram, match="not found"):
+        hooks.trusted_program("replq-no-such-program")
+
+
+def test_the_program_environment_holds_no_secrets(store: Store, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "env.txt"
+    program = write_program(tmp_path / "dump-env", f"env > {out}")
+    secrets = {"REPLQ_REDIS_URL": "redis://:redis-pw-1@10.0.0.1:6379/0", "REPLQ_FLOWER_PASSWORD": "flower-pw-2",
+               "REPLQ_METRICS_PASSWORD": "metrics-pw-3", "REPLQ_SSH_KEY": "/root/.ssh/id_ed25519",
+               "AWS_SECRET_ACCESS_KEY": "aws-pw-4", "PATH": f"{tmp_path}:/usr/bin", "LD_PRELOAD": "/tmp/evil.so"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("REPLQ_NOTIFY_COMMAND", str(program))
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    assert fail_once(store, "100-0", "x") == ["command"]
+    env = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    assert not set(env) & set(secrets) - {"PATH"}
+    assert env["PATH"] == hooks.SAFE_PATH and env["LANG"] == "C.UTF-8" and env["REPLQ_JOB_ID"] == "100-0"
+    assert not any(v in out.read_text() for k, v in secrets.items() if k != "PATH")
+    allowed = set(hooks.PASSED_ENV) | {"PATH", "PWD", "SHLVL", "_"}  # the last three: set by sh itself
+    assert {k for k in env if not k.startswith("REPLQ_")} <= allowed, sorted(env)
+    assert {k for k in env if k.startswith("REPLQ_")} == {
+        "REPLQ_EVENT", "REPLQ_JOB_ID", "REPLQ_JOB_GUEST", "REPLQ_JOB_TARGET", "REPLQ_JOB_SOURCE",
+        "REPLQ_FAIL_COUNT", "REPLQ_ERROR", "REPLQ_LAST_TRY"}
 
 
 def test_real_worker_calls_the_hook_on_failure(redis_url: str, tmp_path: Path) -> None:

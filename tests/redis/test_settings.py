@@ -9,25 +9,25 @@ from replq.notify import hook_settings
 from replq.store import Store
 
 
-def test_hook_settings_round_trip_and_unset(redis_url: str) -> None:
+def test_hook_settings_round_trip_and_unset(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store.from_url(redis_url)
-    store.set_setting("notify_command", "/usr/bin/logger -t replq")
+    monkeypatch.setenv("REPLQ_NOTIFY_COMMAND", "/usr/bin/logger -t replq")  # the node's, not the cluster's
     store.set_setting("notify_url", "https://hooks.example.test/replq")
     store.set_setting("notify_every", "5")
     command, url, every = hook_settings(store.get_settings())
     assert command == ["/usr/bin/logger", "-t", "replq"]
     assert url == "https://hooks.example.test/replq"
     assert every == 5
-    store.set_setting("notify_command", "")
-    assert "notify_command" not in store.get_settings()
+    store.set_setting("notify_url", "")
+    assert "notify_url" not in store.get_settings()
     assert store.get_settings()["retry_interval"] == 1800
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("notify_url", "ftp://host/x", r"not an http\(s\) URL"),
     ("notify_url", "http://", r"not an http\(s\) URL"),
-    ("notify_command", "echo 'unbalanced", "unbalanced quotes"),
-    ("notify_command", "echo\nrm -rf /", "control characters"),
+    ("notify_command", "/usr/bin/logger", "not a cluster setting"),
+    ("notify_url", "https://h/x\nrm -rf /", "control characters"),
     ("notify_every", "0", "from 1 to 1000000"),
     ("flower_user", "a b", "flower_user"),
     ("flower_password", "short", "at least 8"),
