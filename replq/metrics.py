@@ -1,13 +1,15 @@
 """Job-level Prometheus metrics (SPEC §9): a collector that reads the store on every scrape.
 
-Served by `replq metrics` on /metrics. Each series carries the labels job, guest, target and
-source, so an alert can say which guest's replica is stale. Nothing is cached between scrapes:
-the numbers are as fresh as Redis, and one scrape costs three pipelined reads
-(jobs+states, next_sync, guests) however many jobs there are.
+Served by `replq metrics` on /metrics, optionally behind HTTP basic auth. Each series carries
+the labels job, guest, target and source, so an alert can say which guest's replica is stale.
+Nothing is cached between scrapes: the numbers are as fresh as Redis, and one scrape costs
+three pipelined reads (jobs+states, next_sync, guests) however many jobs there are.
 """
 
 from __future__ import annotations
 
+import base64
+import hmac
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -103,12 +105,30 @@ def registry_for(store_factory: Callable[[], Any]) -> CollectorRegistry:
     return registry
 
 
+def authorized(header: str | None, credentials: str) -> bool:
+    """True if an Authorization header carries exactly USER:PASSWORD (HTTP basic auth)."""
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        given = base64.b64decode(token.strip(), validate=True)
+    except ValueError:
+        return False
+    return hmac.compare_digest(given, credentials.encode())
+
+
 def serve(store_factory: Callable[[], Any], address: str, port: int,
-          ready: Callable[[str, int], None] | None = None) -> None:
-    """Serve /metrics (and a short index on /) until killed; blocks."""
+          ready: Callable[[str, int], None] | None = None, credentials: str | None = None) -> None:
+    """Serve /metrics (and a short index on /) until killed; blocks. With credentials
+    (USER:PASSWORD), every request needs them (basic auth), else it gets 401."""
     metrics_app = make_wsgi_app(registry_for(store_factory))
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if credentials is not None and not authorized(environ.get("HTTP_AUTHORIZATION"), credentials):
+            body = b"401 Unauthorized\n"
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
+                                                ("WWW-Authenticate", 'Basic realm="replq metrics"')])
+            return [body]
         if environ.get("PATH_INFO") in ("/metrics", "/metrics/"):
             return metrics_app(environ, start_response)
         body = b"replq metrics exporter: see /metrics\n"

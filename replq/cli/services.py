@@ -1,7 +1,8 @@
 """replq commands: the monitoring services `replq flower` and `replq metrics` (SPEC §8, §9).
 
-Both listen on 127.0.0.1 unless told otherwise. Flower can start Celery tasks and shut down
-workers, so it refuses to listen beyond loopback without basic auth.
+Both listen on 127.0.0.1 unless told otherwise, and both take basic auth. Flower can start
+Celery tasks and shut down workers, so it refuses to listen beyond loopback without basic
+auth; the read-only metrics exporter warns.
 """
 
 from __future__ import annotations
@@ -49,13 +50,22 @@ def check_basic_auth(value: str, what: str) -> str:
     return value
 
 
-def flower_credentials(env: Env, explicit: str | None) -> str | None:
-    """USER:PASSWORD from --basic-auth, REPLQ_FLOWER_USER/PASSWORD, Flower's FLOWER_BASIC_AUTH, the settings."""
+def given_credentials(explicit: str | None, service: str) -> str | None:
+    """USER:PASSWORD from --basic-auth, else REPLQ_<SERVICE>_USER/_PASSWORD (empty = unset)."""
     if explicit:
         return check_basic_auth(explicit, "--basic-auth")
-    user, password = os.environ.get("REPLQ_FLOWER_USER"), os.environ.get("REPLQ_FLOWER_PASSWORD")
+    names = f"REPLQ_{service}_USER", f"REPLQ_{service}_PASSWORD"
+    user, password = (os.environ.get(n) for n in names)
     if user or password:
-        return check_basic_auth(f"{user or ''}:{password or ''}", "REPLQ_FLOWER_USER/REPLQ_FLOWER_PASSWORD")
+        return check_basic_auth(f"{user or ''}:{password or ''}", "/".join(names))
+    return None
+
+
+def flower_credentials(env: Env, explicit: str | None) -> str | None:
+    """USER:PASSWORD from --basic-auth, REPLQ_FLOWER_USER/PASSWORD, Flower's FLOWER_BASIC_AUTH, the settings."""
+    given = given_credentials(explicit, "FLOWER")
+    if given:
+        return given
     if os.environ.get("FLOWER_BASIC_AUTH"):
         return check_basic_auth(os.environ["FLOWER_BASIC_AUTH"], "FLOWER_BASIC_AUTH")
     try:
@@ -99,21 +109,29 @@ def flower(env: Env, port: int, address: str, basic_auth: str | None) -> None:
 @click.command("metrics")
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port (default 9737).")
 @click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--basic-auth", "basic_auth", metavar="USER:PASSWORD",
+              help="Require these credentials (else REPLQ_METRICS_USER/REPLQ_METRICS_PASSWORD; none: open).")
 @pass_env
-def metrics(env: Env, port: int | None, address: str) -> None:
+def metrics(env: Env, port: int | None, address: str, basic_auth: str | None) -> None:
     """Serve per-job Prometheus metrics on http://ADDRESS:PORT/metrics (read from the store per scrape)."""
     # prometheus_client's server is only needed by this command.
     from replq import metrics as m
 
+    credentials = given_credentials(basic_auth, "METRICS")
+    if credentials is None and not is_loopback(address):
+        click.echo(f"replq metrics: warning: serving on '{address}' without basic auth (set REPLQ_METRICS_USER/"
+                   "REPLQ_METRICS_PASSWORD, or listen on 127.0.0.1 behind a TLS proxy)", err=True)
+
     def ready(addr: str, bound: int) -> None:
-        click.echo(f"replq metrics: http://{_url_host(addr)}:{bound}/metrics", err=True)
+        click.echo(f"replq metrics: http://{_url_host(addr)}:{bound}/metrics{' (basic auth)' if credentials else ''}",
+                   err=True)
 
     def store() -> Any:
         # A scrape must answer within Prometheus' timeout even when Redis hangs: bounded socket waits.
         return Store(redis.Redis.from_url(env.redis_url, decode_responses=True, socket_timeout=5,
                                           socket_connect_timeout=3))
 
-    m.serve(store, address, m.DEFAULT_PORT if port is None else port, ready=ready)
+    m.serve(store, address, m.DEFAULT_PORT if port is None else port, ready=ready, credentials=credentials)
 
 
 def _url_host(address: str) -> str:

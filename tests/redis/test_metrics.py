@@ -146,3 +146,62 @@ def test_metrics_port_in_use_is_one_line(redis_url: str) -> None:
                            text=True, timeout=30)
     assert r.returncode == 1
     assert len(r.stderr.strip().splitlines()) == 1 and "Address already in use" in r.stderr
+
+
+def fetch(url: str, auth: str | None = None, timeout: float = 20) -> tuple[int, dict[str, str], str]:
+    """(status, headers, body) of a GET, with `USER:PASSWORD` as basic auth if given; waits for
+    the exporter to listen."""
+    import base64
+
+    req = urllib.request.Request(url)
+    if auth is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, dict(r.headers), r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read().decode()
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("via", ["flag", "environment"])
+def test_metrics_basic_auth(redis_url: str, tmp_path: Path, via: str) -> None:
+    """With credentials, a scrape without them, or with wrong ones, gets 401 and no metrics."""
+    seed(Store.from_url(redis_url))
+    port = free_port()
+    argv = [sys.executable, "-m", "replq", "metrics", "--port", str(port)]
+    env = dict(os.environ)
+    if via == "flag":
+        argv += ["--basic-auth", "prometheus:scrape-pw-1"]
+    else:
+        env |= {"REPLQ_METRICS_USER": "prometheus", "REPLQ_METRICS_PASSWORD": "scrape-pw-1"}
+    proc = start(argv, env, tmp_path / "metrics.log")
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        status, headers, body = fetch(url)
+        assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="replq metrics"'
+        assert "replq_job" not in body
+        for wrong in ("prometheus:scrape-pw-2", "other:scrape-pw-1", "prometheus:", "prometheus:scrape-pw-1x"):
+            assert fetch(url, wrong)[0] == 401, wrong
+        assert fetch(f"http://127.0.0.1:{port}/", "prometheus:wrong")[0] == 401
+        status, _, body = fetch(url, "prometheus:scrape-pw-1")
+        assert status == 200 and samples(body)[("replq_jobs", ())] == 3
+        assert "(basic auth)" in (tmp_path / "metrics.log").read_text()
+    finally:
+        stop(proc)
+
+
+def test_metrics_beyond_loopback_without_auth_warns(redis_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    proc = start([sys.executable, "-m", "replq", "metrics", "--address", "0.0.0.0", "--port", str(port)],
+                 dict(os.environ), tmp_path / "metrics.log")
+    try:
+        assert fetch(f"http://127.0.0.1:{port}/metrics")[0] == 200
+        assert "warning: serving on '0.0.0.0' without basic auth" in (tmp_path / "metrics.log").read_text()
+    finally:
+        stop(proc)

@@ -23,7 +23,7 @@ VAR_RE = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::?[-?][^}]*)?\}")
 SAMPLE = {"REPLQ_REDIS_PASSWORD": "pw", "REPLQ_FLOWER_PASSWORD": "fpw", "REPLQ_NODE": "pve1",
           "REPLQ_REDIS_HOST": "10.0.0.1", "REPLQ_BIND": "127.0.0.1", "REPLQ_SSH_DIR": "/root/.ssh",
           "REPLQ_FLOWER_USER": "admin", "REPLQ_NOTIFY_URL": "", "REPLQ_WEB_USER": "admin",
-          "REPLQ_WEB_PASSWORD": "wpw"}
+          "REPLQ_WEB_PASSWORD": "wpw", "REPLQ_METRICS_USER": "", "REPLQ_METRICS_PASSWORD": ""}
 
 
 def interpolate(value: str) -> str:
@@ -76,7 +76,7 @@ def test_compose_services(compose: dict[str, Any]) -> None:
         assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
     assert commands["beat"][0] == "beat"
     assert commands["flower"] == ("flower", {"port": 5555, "address": "0.0.0.0", "basic_auth": None})
-    assert commands["metrics"] == ("metrics", {"port": 9737, "address": "0.0.0.0"})
+    assert commands["metrics"] == ("metrics", {"port": 9737, "address": "0.0.0.0", "basic_auth": None})
     assert commands["web"] == ("web", {"port": 8737, "address": "0.0.0.0", "basic_auth": None,
                                        "hash_password": False})
     assert commands["worker"][0] == "worker" and commands["worker"][1]["node"] == "pve1"
