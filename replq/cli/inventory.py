@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import click
 
 from replq.cli.base import Env, emit, output_option, pass_env
-from replq.errors import ValidationError
+from replq.errors import NotFound, ValidationError
 from replq.model import (
     Disk,
     Guest,
@@ -32,12 +35,14 @@ def node_group() -> None:
 @click.option("--address", required=True, metavar="HOST[:PORT]", help="SSH address of the node.")
 @click.option("--user", default="root", show_default=True, help="SSH user.")
 @click.option("--host-key", metavar="KEY", help="Pin this host key ('ssh-ed25519 AAAA...') instead of fetching it.")
+@click.option("--yes", "-y", is_flag=True, help="Pin the fetched host key without asking (compare its fingerprint!).")
 @click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 300), help="Fetch timeout (s).")
 @output_option
 @pass_env
-def node_add(env: Env, name: str, address: str, user: str, host_key: str | None, timeout: float,
+def node_add(env: Env, name: str, address: str, user: str, host_key: str | None, yes: bool, timeout: float,
              output_format: str) -> None:
-    """Add a node and pin its SSH host key (fetched from the node unless given)."""
+    """Add a node and pin its SSH host key: the one given, or the one fetched from the node once
+    you confirm its fingerprint (interactively, or --yes)."""
     node = Node(name, address, user, host_key)  # validate everything before touching the network
     store = env.store()
     fetched = node.host_key is None
@@ -46,11 +51,35 @@ def node_add(env: Env, name: str, address: str, user: str, host_key: str | None,
         from replq.ssh import fetch_host_key
 
         node.host_key = fetch_host_key(node.host, node.port, timeout)
+        if not yes and _needs_trust(store, node):
+            _confirm_host_key(node)
     added = store.add_node(node)
     fp = host_key_fingerprint(node.host_key or "")
     data = {**node_row(node), "added": added, "fetched": fetched}
     verb = "added" if added else "unchanged"
     emit(data, output_format, f"node '{node.name}' {verb}; host key {fp}")
+
+
+def _needs_trust(store: Any, node: Node) -> bool:
+    """A fetched key needs the operator's word unless the node has it pinned already (a different
+    pinned key is refused by the store anyway)."""
+    try:
+        return store.get_node(node.name).host_key is None
+    except NotFound:
+        return True
+
+
+def _confirm_host_key(node: Node) -> None:
+    """Trust on first use never happens silently: the operator compares the fingerprint first."""
+    fp = host_key_fingerprint(node.host_key or "")
+    where = f"{node.host}:{node.port}"
+    if not sys.stdin.isatty():
+        raise ValidationError(f"node '{node.name}': {where} offers host key {fp}; not pinned without confirmation "
+                              "(compare it on the node, then add --yes, or give --host-key)")
+    click.echo(f"Node '{node.name}' ({where}) offers the host key {fp}.\n"
+               "Compare it on the node: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub", err=True)
+    if not click.confirm("Pin this host key?", default=False, err=True):
+        raise ValidationError(f"node '{node.name}' not added: host key not confirmed")
 
 
 @node_group.command("list")

@@ -74,20 +74,58 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
 
 
 def test_node_add_fetches_and_pins_host_key(redis_url: str, sshd: Sshd) -> None:
-    out = ok("node", "add", "pve1", "--address", f"127.0.0.1:{sshd.port}")
+    out = ok("node", "add", "pve1", "--address", f"127.0.0.1:{sshd.port}", "--yes")
     assert out.strip() == f"node 'pve1' added; host key ssh-ed25519 {sshd.fingerprint}"
     node = Store.from_url(redis_url).get_node("pve1")
     assert node.host_key == sshd.pub and node.port == sshd.port
-    # Re-adding the same node is a no-op; the key is fetched again and compared.
+    # Re-adding the same node is a no-op; the key is fetched again and compared (already trusted).
     data = json.loads(ok("node", "add", "pve1", "--address", f"127.0.0.1:{sshd.port}", "--output-format", "json"))
     assert data["added"] is False and data["fingerprint"] == f"ssh-ed25519 {sshd.fingerprint}"
     # The node's key changes (reinstalled or impostor): refused, the pinned key stays.
     old = sshd.pub
     sshd.stop()
     sshd.start("other_key")
-    err = refused("node", "add", "pve1", "--address", f"127.0.0.1:{sshd.port}")
+    err = refused("node", "add", "pve1", "--address", f"127.0.0.1:{sshd.port}", "--yes")
     assert "different pinned host key" in err and sshd.fingerprint in err
     assert Store.from_url(redis_url).get_node("pve1").host_key == old
+
+
+def test_node_add_without_confirmation_is_refused(redis_url: str, sshd: Sshd) -> None:
+    """No trust on first use in silence: without a terminal and without --yes, the fetched
+    fingerprint is shown and nothing is pinned."""
+    err = refused("node", "add", "pve1", "--address", f"127.0.0.1:{sshd.port}")
+    assert err == (f"replq: node 'pve1': 127.0.0.1:{sshd.port} offers host key ssh-ed25519 {sshd.fingerprint}; "
+                   "not pinned without confirmation (compare it on the node, then add --yes, or give --host-key)\n")
+    assert Store.from_url(redis_url).list_nodes() == []
+
+
+def node_add_on_a_terminal(port: int, answer: str) -> tuple[int, str]:
+    """`node add` with a terminal on stdin (as an operator types it) answering `answer`."""
+    import pty
+    import sys
+
+    from tests.support.helpers import REPO
+
+    master, slave = pty.openpty()
+    try:
+        argv = [sys.executable, "-m", "replq", "node", "add", "pve1", "--address", f"127.0.0.1:{port}"]
+        proc = subprocess.Popen(argv, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        os.write(master, answer.encode() + b"\n")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    return proc.returncode, (out + err).decode()
+
+
+def test_node_add_asks_on_a_terminal(redis_url: str, sshd: Sshd) -> None:
+    code, out = node_add_on_a_terminal(sshd.port, "n")
+    assert code == 1 and f"offers the host key ssh-ed25519 {sshd.fingerprint}" in out, out
+    assert "Pin this host key? [y/N]" in out and "host key not confirmed" in out
+    assert Store.from_url(redis_url).list_nodes() == []
+    code, out = node_add_on_a_terminal(sshd.port, "y")
+    assert code == 0 and f"node 'pve1' added; host key ssh-ed25519 {sshd.fingerprint}" in out, out
+    assert Store.from_url(redis_url).get_node("pve1").host_key == sshd.pub
 
 
 def test_node_add_unreachable(redis_url: str) -> None:
