@@ -1,9 +1,7 @@
-"""What the command line and the web API both show and both read about jobs and nodes, so that
-`replq list`, `read`, `node list`, `update` and `calendar` mean the same as /api/ does.
+"""What the command line and the web API both show and both read about jobs, so that `replq
+read`, `update` and `calendar` mean the same as /api/ does (the list rows are in rows.py).
 
-    job_row        one job as `list --output-format json` prints it
     read_record    one job as `read` prints it, with the digest for `update --digest`
-    node_row       one node as `node list --output-format json` prints it
     check_digest   a digest argument (40 hex digits) before the store compares it
     property_list  the `--delete` list of properties to unset
     calendar_preview  the normalised form and next events of a schedule (`replq calendar`)
@@ -17,14 +15,8 @@ from typing import Any
 
 from replq import calendar
 from replq.errors import ValidationError
-from replq.model import Job, Node, host_key_fingerprint, show
+from replq.model import Job, show
 from replq.store import job_digest
-
-
-def job_row(job: Job) -> dict[str, Any]:
-    return {"id": job.id, "type": "local", "guest": job.guest, "jobnum": job.jobnum, "target": job.target,
-            "schedule": job.schedule, "rate": job.rate, "enabled": not job.disable, "comment": job.comment,
-            "source": job.source, "remove_job": job.remove_job}
 
 
 def read_record(job: Job) -> dict[str, Any]:
@@ -35,10 +27,6 @@ def read_record(job: Job) -> dict[str, Any]:
     if job.rate is not None:
         data["rate"] = job.rate
     return data
-
-
-def node_row(n: Node) -> dict[str, Any]:
-    return {**n.to_dict(), "fingerprint": host_key_fingerprint(n.host_key) if n.host_key else None}
 
 
 def check_digest(digest: str, what: str) -> str:

@@ -21,7 +21,7 @@ from replq.model import (
     show,
 )
 from replq.output import table
-from replq.views import node_row
+from replq.rows import guest_row, node_row, storage_row
 
 
 # ---- node ---------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def storage_add(env: Env, sid: str, pool: str | None, stype: str, nodes: str | N
 def storage_list(env: Env, output_format: str) -> None:
     """List storages."""
     st = env.store().list_storages()
-    emit([s.to_dict() for s in st], output_format, lambda: table(
+    emit([storage_row(s) for s in st], output_format, lambda: table(
         ["ID", "Type", "Pool", "Nodes", "Enabled"],
         [(s.id, s.type, s.pool or "-", ",".join(s.nodes) if s.nodes else "all", "yes" if s.enabled else "no")
          for s in st]))
@@ -178,7 +178,7 @@ def guest_set_disks(env: Env, vmid: str, disks: tuple[str, ...]) -> None:
 def guest_list(env: Env, output_format: str) -> None:
     """List guests."""
     guests = env.store().list_guests()
-    emit([g.to_dict() for g in guests], output_format, lambda: table(
+    emit([guest_row(g) for g in guests], output_format, lambda: table(
         ["VMID", "Type", "Node", "Disks", "Status"],
         [(g.vmid, g.type, g.node, ",".join(d.volid + ("" if d.replicate else "(replicate=0)") for d in g.disks) or "-",
           "removing" if g.purge else "ok") for g in guests]))

@@ -28,7 +28,8 @@ from replq.model import (
     show,
 )
 from replq.output import table
-from replq.views import check_digest, job_row, property_list, read_record
+from replq.rows import job_row
+from replq.views import check_digest, property_list, read_record
 
 
 def fmt_time(ts: float | None, tz: ZoneInfo) -> str:

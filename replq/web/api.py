@@ -23,8 +23,9 @@ from typing import Any
 from replq.errors import Conflict, ValidationError
 from replq.jobstate import state_cell, status_row
 from replq.model import Job, check_node_name, check_vmid, parse_bool, parse_job_id, show
+from replq.rows import node_row
 from replq.store import Store
-from replq.views import calendar_preview, check_digest, node_row, property_list, read_record
+from replq.views import calendar_preview, check_digest, property_list, read_record
 
 CREATE_FIELDS = ("id", "guest", "target", "schedule", "rate", "comment", "enabled")
 UPDATE_FIELDS = ("schedule", "rate", "comment", "enabled", "source", "delete", "digest")
