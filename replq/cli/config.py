@@ -1,12 +1,14 @@
-"""replq commands: cluster settings, and replication.cfg export/import (Proxmox's format)."""
+"""replq commands: cluster settings, replication.cfg export/import (Proxmox's format), and
+backup/restore of the whole cluster."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
 
-from replq import settings
+from replq import backup, settings
 from replq.cfgfile import export_jobs, parse
 from replq.cli.base import Env, emit, output_option, pass_env
 from replq.errors import Conflict, ValidationError
@@ -45,7 +47,7 @@ def settings_set(env: Env, key: str, value: str) -> None:
 # ---- config -------------------------------------------------------------------------------
 @click.group("config")
 def config_group() -> None:
-    """replication.cfg (Proxmox format) export and import."""
+    """replication.cfg (Proxmox format) export and import; backup and restore of the whole cluster."""
 
 
 @config_group.command("export")
@@ -55,21 +57,25 @@ def config_export(env: Env) -> None:
     click.echo(export_jobs(env.store().list_jobs()), nl=False)
 
 
+def read_input(path: str) -> str:
+    """The text of FILE, or of stdin for '-' (UTF-8)."""
+    try:
+        raw = click.get_binary_stream("stdin").read() if path == "-" else Path(path).read_bytes()
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise ValidationError(f"cannot read '{show(path)}': {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError(f"'{show(path)}' is not UTF-8 text") from None
+
+
 @config_group.command("import")
 @click.argument("path", metavar="FILE")
 @pass_env
 def config_import(env: Env, path: str) -> None:
     """Create the jobs of a replication.cfg ('-' = stdin). All are validated before any is written;
     jobs already present with the same configuration are skipped, different ones refused."""
-    try:
-        raw = click.get_binary_stream("stdin").read() if path == "-" else Path(path).read_bytes()
-    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
-        raise ValidationError(f"cannot read '{show(path)}': {getattr(exc, 'strerror', None) or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValidationError(f"'{show(path)}' is not UTF-8 text") from None
-    jobs = parse(text)
+    jobs = parse(read_input(path))
     store = env.store()
     existing = {j.id: j for j in store.list_jobs()}
     new = []
@@ -81,3 +87,26 @@ def config_import(env: Env, path: str) -> None:
             raise Conflict(f"replication job '{job.id}' already exists with a different configuration")
     store.create_jobs(sorted(new, key=lambda j: job_id_sort_key(j.id)))
     click.echo(f"imported {len(new)} job(s), {len(jobs) - len(new)} unchanged")
+
+
+@config_group.command("backup")
+@click.option("--state", "with_state", is_flag=True, help="Also the state of every job (last sync, failures).")
+@pass_env
+def config_backup(env: Env, with_state: bool) -> None:
+    """Print the whole cluster as one JSON document: nodes (with pinned host keys), storages,
+    guests, jobs, the settings set, and with --state the jobs' state. It holds secrets (the
+    Flower password, the webhook URL): keep it like /etc/replq."""
+    cluster = env.store().read_cluster(with_state)
+    click.echo(backup.dumps(backup.document(cluster, time.time())))
+
+
+@config_group.command("restore")
+@click.argument("path", metavar="FILE")
+@click.option("--force", is_flag=True, help="Replace the cluster the store holds (else refused).")
+@pass_env
+def config_restore(env: Env, path: str, force: bool) -> None:
+    """Restore a cluster from `config backup` output ('-' = stdin). Everything is validated before
+    anything is written, in one transaction; a store that holds a cluster is refused unless --force."""
+    cluster = backup.parse(backup.loads(read_input(path)))
+    env.store().restore_cluster(cluster, force=force)
+    click.echo(f"restored {cluster.summary()}")

@@ -166,6 +166,22 @@ def test_systemd_unit(filename: str, command: str) -> None:
         assert params["address"] == "127.0.0.1"
 
 
+BACKUP_UNITS = ("replq-backup.service", "replq-backup.timer")
+
+
+def test_backup_unit() -> None:
+    """The backup runs `replq config backup --state` with the units' environment into a file only
+    root can read, renamed only once complete."""
+    svc = read_unit(UNITS / "replq-backup.service")["Service"]
+    assert svc["EnvironmentFile"] == ["/etc/replq/replq.env"] and svc["UMask"] == ["0077"]
+    (exec_start,) = svc["ExecStart"]
+    script = shlex.split(exec_start)[2]
+    assert "/opt/replq/venv/bin/replq config backup --state > \"$f.tmp\" && mv \"$f.tmp\" \"$f\"" in script
+    assert parse_replq(["replq", "config", "backup", "--state"])[0] == "backup"
+    timer = read_unit(UNITS / "replq-backup.timer")
+    assert timer["Timer"]["OnCalendar"] == ["hourly"] and timer["Install"]["WantedBy"] == ["timers.target"]
+
+
 def test_environment_file() -> None:
     env = {}
     for line in (UNITS / "replq.env").read_text().splitlines():
@@ -181,7 +197,7 @@ def test_environment_file() -> None:
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     """systemd's own parser finds no unknown keys or bad values (paths pointed at this checkout)."""
     replq_bin = ROOT / ".venv" / "bin" / "replq"
-    for filename in UNIT_FILES:
+    for filename in [*UNIT_FILES, *BACKUP_UNITS]:
         text = (UNITS / filename).read_text()
         text = text.replace("/opt/replq/venv/bin/replq", str(replq_bin))
         text = text.replace("/etc/replq/replq.env", str(UNITS / "replq.env"))
