@@ -129,3 +129,18 @@ def test_settings_show_masks_secrets(redis_url: str) -> None:
     assert shown["flower_password"] == "***"
     assert shown["notify_url"] == "https://hooks.example.test/***"
     assert run("settings", "show").returncode == 0
+
+
+def test_sandbox_status_text_hides_the_password(tmp_path: Path) -> None:
+    """The text is for eyes (and screenshots); the JSON and `sandbox env` are for programs and keep it."""
+    from replq.sandbox import Sandbox
+
+    sb = Sandbox(tmp_path / "sb")
+    sb.dir.mkdir()
+    url = f"redis://replq:{PASSWORD}@127.0.0.1:{free_port()}/0"
+    sb.state = {"dir": str(sb.dir), "nodes": {}, "services": {}, "redis": {"url": url}}
+    sb.save()
+    text = ok("sandbox", "status", "--dir", str(sb.dir))
+    assert "redis   redis://replq:***@127.0.0.1:" in text and PASSWORD not in text, text
+    assert json.loads(ok("sandbox", "status", "--dir", str(sb.dir), "--output-format", "json"))["redis_url"] == url
+    assert PASSWORD in ok("sandbox", "env", "--dir", str(sb.dir))
