@@ -20,10 +20,10 @@ from __future__ import annotations
 import click
 
 from replq.cli import calendar, config, inventory, jobs, migrate, run, runtime, sandbox, services, web
-from replq.cli.base import Env, run_group
+from replq.cli.base import Env, group, run_group
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--redis", "redis_url", metavar="URL", help="Redis URL (else REPLQ_REDIS_URL, the sandbox, the default).")
 @click.option("--node", "node", metavar="NAME", help="This process's node (else REPLQ_NODE, the host name).")
 @click.version_option(package_name="replq")

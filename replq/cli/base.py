@@ -16,6 +16,7 @@ import click
 import redis
 
 from replq import context, redact
+from replq.cli.grammar import Group, ListOption, group, split_list
 from replq.errors import ReplqError
 from replq.output import FORMATS, render_data
 from replq.store import Store
@@ -74,8 +75,10 @@ def emit(data: Any, fmt: str, text: Callable[[], str] | str | None = None) -> No
 
 
 def fail(message: str, code: int = 1) -> None:
-    """Refuse with one line on stderr (never with a password of the Redis URL in it)."""
+    """Refuse with one line on stderr: a line break in it (say from an argument) is shown as \\n, and
+    a password of the Redis URL never appears."""
     message = redact.scrub(message)
+    message = message.replace("\r", "\\r").replace("\n", "\\n").encode("utf-8", "backslashreplace").decode()
     prefix = "" if message.startswith("replq") else "replq: "
     click.echo(f"{prefix}{message}", err=True)
     sys.exit(code)
@@ -98,10 +101,10 @@ def error_line(exc: BaseException) -> tuple[str, int]:
     return f"internal error: {exc.__class__.__name__}: {exc}", 1
 
 
-def run_group(group: click.Group, argv: list[str] | None) -> None:
+def run_group(root: click.Group, argv: list[str] | None) -> None:
     """Run the root group without click's multi-line usage errors or tracebacks."""
     try:
-        rv = group.main(args=argv, prog_name="replq", standalone_mode=False)
+        rv = root.main(args=argv, prog_name="replq", standalone_mode=False)
     except click.exceptions.Abort:
         fail("aborted", 130)
     except KeyboardInterrupt:
@@ -113,3 +116,7 @@ def run_group(group: click.Group, argv: list[str] | None) -> None:
             raise
         fail(*error_line(exc))
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+__all__ = ["Env", "Group", "ListOption", "emit", "error_line", "fail", "group", "output_option", "pass_env",
+           "run_group", "split_list"]

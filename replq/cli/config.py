@@ -10,14 +10,14 @@ import click
 
 from replq import backup, settings
 from replq.cfgfile import export_jobs, parse
-from replq.cli.base import Env, emit, output_option, pass_env
+from replq.cli.base import Env, emit, group, output_option, pass_env
 from replq.errors import Conflict, ValidationError
 from replq.model import job_id_sort_key, show
 from replq.output import table
 
 
 # ---- settings -----------------------------------------------------------------------------
-@click.group("settings")
+@group("settings")
 def settings_group() -> None:
     """Cluster settings (retry_interval, timezone)."""
 
@@ -45,7 +45,7 @@ def settings_set(env: Env, key: str, value: str) -> None:
 
 
 # ---- config -------------------------------------------------------------------------------
-@click.group("config")
+@group("config")
 def config_group() -> None:
     """replication.cfg (Proxmox format) export and import; backup and restore of the whole cluster."""
 

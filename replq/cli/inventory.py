@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from replq.cli.base import Env, emit, output_option, pass_env
+from replq.cli.base import Env, ListOption, emit, group, output_option, pass_env
 from replq.errors import NotFound, ValidationError
 from replq.model import (
     Disk,
@@ -25,7 +25,7 @@ from replq.rows import guest_row, node_row, storage_row
 
 
 # ---- node ---------------------------------------------------------------------------------
-@click.group("node")
+@group("node")
 def node_group() -> None:
     """Cluster nodes (SSH address, user, pinned host key)."""
 
@@ -103,7 +103,7 @@ def node_remove(env: Env, name: str) -> None:
 
 
 # ---- storage ------------------------------------------------------------------------------
-@click.group("storage")
+@group("storage")
 def storage_group() -> None:
     """Storages (zfspool: the same pool name on every node it is on)."""
 
@@ -112,7 +112,7 @@ def storage_group() -> None:
 @click.argument("sid", metavar="ID")
 @click.option("--pool", help="ZFS dataset holding the volumes, e.g. rpool/data.")
 @click.option("--type", "stype", default="zfspool", show_default=True, help="Storage type (only zfspool replicates).")
-@click.option("--nodes", metavar="N1,N2", help="Restrict the storage to these nodes.")
+@click.option("--nodes", cls=ListOption, metavar="N1,N2", help="Restrict the storage to these nodes (repeatable).")
 @click.option("--disable", is_flag=True, help="Add it disabled.")
 @pass_env
 def storage_add(env: Env, sid: str, pool: str | None, stype: str, nodes: str | None, disable: bool) -> None:
@@ -146,7 +146,7 @@ def storage_remove(env: Env, sid: str) -> None:
 
 
 # ---- guest --------------------------------------------------------------------------------
-@click.group("guest")
+@group("guest")
 def guest_group() -> None:
     """Guests (VMs and containers) and their disks."""
 

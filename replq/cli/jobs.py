@@ -6,6 +6,7 @@ Thin: parse, validate with the model, call the store, print.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from datetime import datetime
@@ -14,8 +15,8 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from replq.cli.base import Env, emit, output_option, pass_env
-from replq.errors import ValidationError
+from replq.cli.base import Env, ListOption, emit, output_option, pass_env, split_list
+from replq.errors import NotFound, ValidationError
 from replq.jobstate import state_cell, status_row
 from replq.model import (
     PVESR_IGNORED_STATE,
@@ -23,13 +24,12 @@ from replq.model import (
     check_state_fields,
     check_vmid,
     format_rate,
-    parse_bool,
     parse_job_id,
     show,
 )
 from replq.output import table
 from replq.rows import job_row
-from replq.views import check_digest, property_list, read_record
+from replq.views import check_digest, read_record
 
 
 def fmt_time(ts: float | None, tz: ZoneInfo) -> str:
@@ -63,16 +63,17 @@ def create_local_job(env: Env, job_id: str, target: str, schedule: str | None, r
 @click.option("--schedule", help="Calendar event.")
 @click.option("--rate", help="Rate limit in MB/s (decimal, ≥ 1).")
 @click.option("--comment", help="Free text.")
-@click.option("--disable", metavar="0|1", help="Disable (1) or enable (0) the job.")
+@click.option("--disable", type=click.BOOL, metavar="[0|1]", help="Disable (1, or no value) or enable (0) the job.")
 @click.option("--source", help="The node the guest lives on.")
 @click.option("--remove_job", "remove_job", metavar="local|full", help="Mark the job for removal (as `delete`).")
-@click.option("--delete", "delete", metavar="PROP[,PROP]", help="Unset properties (schedule, rate, comment, ...).")
+@click.option("--delete", "delete", cls=ListOption, metavar="PROP[,PROP]",
+              help="Unset properties (schedule, rate, comment, ...); repeatable.")
 @click.option("--digest", help="Refuse the change if the job changed since this digest was read.")
 @pass_env
 def update(env: Env, job_id: str, schedule: str | None, rate: str | None, comment: str | None,
-           disable: str | None, source: str | None, remove_job: str | None, delete: str | None,
+           disable: bool | None, source: str | None, remove_job: str | None, delete: str | None,
            digest: str | None) -> None:
-    """Change a replication job (target is fixed)."""
+    """Change a replication job (target is fixed). Nothing to change is no error, as in pvesr."""
     parse_job_id(job_id)
     changes: dict[str, Any] = {}
     for key, value in (("schedule", schedule), ("rate", rate), ("comment", comment), ("source", source),
@@ -80,13 +81,10 @@ def update(env: Env, job_id: str, schedule: str | None, rate: str | None, commen
         if value is not None:
             changes[key] = value
     if disable is not None:
-        changes["disable"] = parse_bool(disable, "disable")
-    props = property_list(delete, "--delete") if delete is not None else []
+        changes["disable"] = disable
     if digest is not None:
         check_digest(digest, "--digest")
-    if not changes and not props:
-        raise click.UsageError("nothing to change (give --schedule, --rate, --comment, --disable, --source, --delete)")
-    env.store().update_job(job_id, changes, props, digest)
+    env.store().update_job(job_id, changes, split_list(delete), digest)
 
 
 @click.command("delete")
@@ -95,12 +93,14 @@ def update(env: Env, job_id: str, schedule: str | None, rate: str | None, commen
 @click.option("--force", is_flag=True, help="Remove the job config at once, without any cleanup.")
 @pass_env
 def delete(env: Env, job_id: str, keep: bool, force: bool) -> None:
-    """Mark a replication job for removal (done by its next run), or remove it at once with --force."""
+    """Mark a replication job for removal (done by its next run), or remove it at once with --force
+    (a job that does not exist is then no error, as in pvesr)."""
     if keep and force:
         raise click.UsageError("--keep and --force are mutually exclusive")
     parse_job_id(job_id)
     if force:
-        env.store().delete_job(job_id)
+        with contextlib.suppress(NotFound):
+            env.store().delete_job(job_id)
     else:
         env.store().mark_remove(job_id, "local" if keep else "full")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from replq.cli.base import emit, output_option
+from replq.cli.base import emit, group, output_option
 from replq.redact import redact_url
 from replq.sandbox import Sandbox, SandboxError, default_dir
 
@@ -24,7 +24,7 @@ dir_option = click.option("--dir", "directory", type=click.Path(file_okay=False,
                           help=f"Sandbox directory (else REPLQ_SANDBOX_DIR, the running sandbox, {default_dir()}).")
 
 
-@click.group("sandbox")
+@group("sandbox")
 def sandbox() -> None:
     """A real multi-node ZFS cluster on this machine (zfs-fuse + sshd per node)."""
 

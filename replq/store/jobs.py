@@ -159,6 +159,8 @@ class JobStore(StoreBase):
             new.validate(settings["timezone"])
             if new.source is not None and new.source != old.source and not pipe.exists(self.k("node", new.source)):
                 raise NotFound(f"no such cluster node '{new.source}'")
+            if new.config() == old.config():
+                return old  # nothing changes: nothing is written (pvesr's `update ID` alone succeeds)
             state = self._state(pipe.get(skey))
             pipe.multi()
             pipe.hset(key, "cfg", _json(new.config()))
