@@ -13,13 +13,14 @@ module), which keeps the layers one-way:
     runtime.py    worker, beat          services.py  flower, metrics
     sandbox.py    sandbox (the local multi-node cluster)
     web.py        web (the web GUI and its JSON API)
+    help.py       help [CMD] [--verbose] (pvesr's)      grammar.py  pvesr's option grammar (every group)
 """
 
 from __future__ import annotations
 
 import click
 
-from replq.cli import calendar, config, inventory, jobs, migrate, run, runtime, sandbox, services, web
+from replq.cli import calendar, config, help, inventory, jobs, migrate, run, runtime, sandbox, services, web
 from replq.cli.base import Env, group, run_group
 
 
@@ -42,7 +43,7 @@ for command in (
     config.settings_group, config.config_group,
     calendar.calendar_cmd,
     runtime.worker_cmd, runtime.beat_cmd, services.flower, services.metrics,
-    sandbox.sandbox, web.web_cmd,
+    sandbox.sandbox, web.web_cmd, help.help_cmd,
 ):
     cli.add_command(command)
 inventory.guest_group.add_command(migrate.guest_move_cmd)

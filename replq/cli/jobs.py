@@ -218,7 +218,7 @@ def parse_state_json(vmid: int, text: str) -> dict[str, dict[str, Any]]:
 
 @click.command("set-state")
 @click.argument("vmid", metavar="VMID")
-@click.argument("state", metavar="JSON")
+@click.argument("state", metavar="STATE")
 @pass_env
 def set_state(env: Env, vmid: str, state: str) -> None:
     """Set the replication state of a guest's jobs (pvesr: used on migration), e.g.

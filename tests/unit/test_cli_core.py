@@ -20,3 +20,19 @@ def test_help_lists_usage() -> None:
     r = run("--help")
     assert r.returncode == 0
     assert "Usage:" in r.stdout
+
+
+def test_help_command_as_pvesr() -> None:
+    # pvesr help: a usage line per command; help CMD: its full help; --verbose 0: its usage line.
+    r = run("help")
+    assert r.returncode == 0 and r.stdout.startswith("USAGE: replq <COMMAND> [ARGS] [OPTIONS]\n\n")
+    assert "       replq create-local-job <id> <target> [OPTIONS]\n" in r.stdout
+    assert "       replq set-state <vmid> <state>\n" in r.stdout
+    assert "       replq node add <name> [OPTIONS]\n" in r.stdout
+    full = run("help", "stat")
+    assert full.returncode == 0 and "--guest" in full.stdout and "-h, --help" in full.stdout
+    assert run("help", "update", "--verbose", "0").stdout == "USAGE: replq update <id> [OPTIONS]\n"
+    everything = run("help", "--verbose").stdout
+    assert "Usage: replq create-local-job" in everything and "Usage: replq sandbox up" in everything
+    bad = run("help", "no-such")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
