@@ -112,9 +112,12 @@ def new_task_id(job_id: str) -> str:
 
 
 def enqueue(app: Celery, task: str, job_id: str, node: str, task_id: str, force: bool = False,
-            producer: Any = None) -> None:
-    """Put one job on its node's queue. `force` runs it even if it is not due (manual `run`)."""
-    kwargs = {"force": True} if force else {}
+            producer: Any = None, notify: bool = True) -> None:
+    """Put one job on its node's queue. `force` runs it even if it is not due (manual `run`);
+    `notify=False`: a failure calls no notification hook (a manual `run` without --mail)."""
+    kwargs: dict[str, bool] = {"force": True} if force else {}
+    if not notify:
+        kwargs["notify"] = False
     app.send_task(
         task,
         args=[job_id],

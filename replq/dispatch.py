@@ -75,7 +75,8 @@ class Enqueued:
     task: str
 
 
-def enqueue_routes(store: Any, app: Any, routes: Iterable[Route], force: bool = False) -> list[Enqueued]:
+def enqueue_routes(store: Any, app: Any, routes: Iterable[Route], force: bool = False,
+                   notify: bool = True) -> list[Enqueued]:
     """Claim and publish every route that is neither running nor queued. All messages of a tick
     (and their task-sent events) go to Redis in one pipeline (kombu's producer batch); if that
     fails, the claims are released again, so a broker failure never blocks a job for an hour."""
@@ -92,7 +93,7 @@ def enqueue_routes(store: Any, app: Any, routes: Iterable[Route], force: bool = 
                     continue
                 task = TASK_REMOVE if r.remove else TASK_REPLICATE
                 assert r.node is not None
-                enqueue(app, task, r.job_id, r.node, tid, force=force, producer=producer)
+                enqueue(app, task, r.job_id, r.node, tid, force=force, producer=producer, notify=notify)
                 out.append(Enqueued(r.job_id, r.node, tid, task))
     except BaseException:
         for j, tid in won.items():
@@ -125,10 +126,11 @@ def _worker_alive(app: Any, node: str, timeout: float = 2.0) -> bool:
 
 
 def run_remote(store: Any, job_ids: Sequence[str] | None, wait: bool, out: TextIO | None = None,
-               redis_url: str | None = None, app: Any = None, poll: float = 0.5) -> int:
-    """`replq run [--id J] [--no-wait]`: enqueue the job(s) to the worker of the guest's node and,
-    unless `wait` is False, follow them with a live progress line. Returns the exit code: 0 when
-    every job succeeded (or, without wait, was queued), 1 otherwise."""
+               redis_url: str | None = None, app: Any = None, poll: float = 0.5, mail: bool = False) -> int:
+    """`replq run [--id J] [--no-wait] [--mail]`: enqueue the job(s) to the worker of the guest's node
+    and, unless `wait` is False, follow them with a live progress line. Returns the exit code: 0 when
+    every job succeeded (or, without wait, was queued), 1 otherwise. `mail`: a failure calls the
+    notification hook (pvesr run --mail; scheduled runs always do)."""
     out = out or sys.stdout
     ids = list(job_ids or store.due_jobs())
     if not ids:
@@ -158,7 +160,7 @@ def run_remote(store: Any, job_ids: Sequence[str] | None, wait: bool, out: TextI
             print(f"{r.job_id}: already queued on node '{r.node}' (task {tid})", file=out)
             followed.append(Followed(r.job_id, r.node, tid, time.time()))
             continue
-        done = enqueue_routes(store, app, [r], force=True)
+        done = enqueue_routes(store, app, [r], force=True, notify=mail)
         if not done:  # someone queued it between our read and our claim
             tid = store.queued_token(r.job_id)
             print(f"{r.job_id}: already queued on node '{r.node}' (task {tid})", file=out)

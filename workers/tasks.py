@@ -187,12 +187,14 @@ def _run_guarded(task: Any, job_id: str, force: bool, body: Any) -> dict[str, An
 
 
 @shared_task(bind=True, name=TASK_REPLICATE)
-def replicate(self: Any, job_id: str, force: bool = False) -> dict[str, Any]:
-    """Run replication job `job_id` on this node (the argument is the job id, shown in Flower)."""
+def replicate(self: Any, job_id: str, force: bool = False, notify: bool = True) -> dict[str, Any]:
+    """Run replication job `job_id` on this node (the argument is the job id, shown in Flower).
+    `notify`: call the failure hook (scheduled runs, and `replq run --mail`)."""
+    failed = _notifier(notify)
 
     def body(store: Any, node: str, ctl: RunControl, job: Any) -> dict[str, Any]:
         if job.remove_job:
-            return _remove(self, store, node, ctl, job_id, force)
+            return _remove(self, store, node, ctl, job_id, force, notify)
         worker = f"{self.request.hostname or node}:{os.getpid()}"
         try:
             res = run_job(store, job_id, node, worker=worker, task_id=self.request.id, cancel=ctl.cancel)
@@ -206,36 +208,42 @@ def replicate(self: Any, job_id: str, force: bool = False) -> dict[str, Any]:
             # retry_interval in error state instead of being queued again every second.
             if not force:
                 jobstate.record_refusal(store, job_id, node, str(exc))
-                notify.job_failed(store, job_id)
+                failed(store, job_id)
             return _result(job_id, "refused", error=str(exc))
         if ctl.reason and not res.ok:
             jobstate.log(store, job_id, f"run cancelled: {ctl.reason}")
         if not res.ok:
-            notify.job_failed(store, job_id)
+            failed(store, job_id)
         return _result(job_id, "ok" if res.ok else "failed", ok=res.ok, error=res.error, bytes=res.bytes,
                        duration=res.duration, start=res.start)
 
     return _run_guarded(self, job_id, force, body)
 
 
-def _remove(task: Any, store: Any, node: str, ctl: RunControl, job_id: str, force: bool) -> dict[str, Any]:
+def _notifier(enabled: bool) -> Any:
+    """notify.job_failed, or nothing for a manual run without --mail (as pvesr's run without --mail)."""
+    return notify.job_failed if enabled else (lambda _store, _job_id: None)
+
+
+def _remove(task: Any, store: Any, node: str, ctl: RunControl, job_id: str, force: bool,
+            notify_failure: bool = True) -> dict[str, Any]:
     worker = f"{task.request.hostname or node}:{os.getpid()}"
     try:
         res = run_removal(store, job_id, node, worker=worker, task_id=task.request.id, cancel=ctl.cancel)
     except ReplqError as exc:
         return _result(job_id, "failed", error=str(exc))
     if not res.ok:
-        notify.job_failed(store, job_id)
+        _notifier(notify_failure)(store, job_id)
     return _result(job_id, "removed" if res.ok else "failed", ok=res.ok, error=res.error)
 
 
 @shared_task(bind=True, name=TASK_REMOVE)
-def remove_job(self: Any, job_id: str, force: bool = False) -> dict[str, Any]:
+def remove_job(self: Any, job_id: str, force: bool = False, notify: bool = True) -> dict[str, Any]:
     """Remove job `job_id` (remove_job=full/local): snapshots, target volumes, then config and state."""
 
     def body(store: Any, node: str, ctl: RunControl, job: Any) -> dict[str, Any]:
         if not job.remove_job:
             return _result(job_id, "skipped", error="job is not marked for removal")
-        return _remove(self, store, node, ctl, job_id, force)
+        return _remove(self, store, node, ctl, job_id, force, notify)
 
     return _run_guarded(self, job_id, force, body)

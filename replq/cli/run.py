@@ -43,12 +43,15 @@ def _plan_text(plan: dict[str, Any]) -> str:
 @click.option("--no-wait", is_flag=True, help="Only enqueue the job.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (full/incremental, base, size); change nothing.")
 @click.option("--verbose", is_flag=True, help="Print the replication log while running.")
+@click.option("--mail", is_flag=True, help="Call the failure notification hook for a job that fails (not with --id).")
 @output_option
 @pass_env
-def run_cmd(env: Env, job_id: str | None, local: bool, no_wait: bool, dry_run: bool, verbose: bool,
+def run_cmd(env: Env, job_id: str | None, local: bool, no_wait: bool, dry_run: bool, verbose: bool, mail: bool,
             output_format: str) -> None:  # fmt: skip
-    """Run a replication job now (pvesr run)."""
+    """Run a replication job now (pvesr run); without --id, every job that is due."""
     # The engine imports paramiko, the runtime Celery (~0.3 s each): only what this run needs.
+    if mail and job_id:
+        raise click.UsageError("Mail and id are mutually exclusive!")  # pvesr's words
     if (local or dry_run) and not job_id:
         raise click.UsageError("--local and --dry-run need --id")
     if local and dry_run:
@@ -67,7 +70,8 @@ def run_cmd(env: Env, job_id: str | None, local: bool, no_wait: bool, dry_run: b
         from replq.dispatch import run_remote
 
         # Enqueue to the worker of the guest's node and follow it (the exit code is the job's result).
-        sys.exit(run_remote(store, [job_id] if job_id else None, wait=not no_wait, redis_url=env.redis_url))
+        sys.exit(run_remote(store, [job_id] if job_id else None, wait=not no_wait, redis_url=env.redis_url,
+                            mail=mail))
     assert job_id is not None
     from replq.replicate import run_job
 

@@ -270,15 +270,15 @@ def test_the_program_environment_holds_no_secrets(store: Store, tmp_path: Path,
         "REPLQ_FAIL_COUNT", "REPLQ_ERROR", "REPLQ_LAST_TRY"}
 
 
-def test_real_worker_calls_the_hook_on_failure(redis_url: str, tmp_path: Path) -> None:
-    """End to end: a real `replq worker` runs a job whose target is unreachable; the hook in the
-    worker's environment gets the failure."""
+@pytest.fixture
+def hooked_worker(redis_url: str, tmp_path: Path) -> Iterator[tuple[Store, Path]]:
+    """A real `replq worker` for node nt1 with a hook program in its environment; job 300-0 of
+    a guest on nt1 replicates to nt2, where nothing listens (every run fails). Yields the store
+    and the file each hook call appends to."""
     import os
     import signal
     import subprocess
-    import time
 
-    from replq import app as appmod
     from tests.support.redisproc import free_port
 
     store = Store.from_url(redis_url)
@@ -286,7 +286,7 @@ def test_real_worker_calls_the_hook_on_failure(redis_url: str, tmp_path: Path) -
     store.add_node(Node("nt2", f"127.0.0.1:{free_port()}"))  # nothing listens there
     store.add_storage(Storage("local-zfs", "rpool/data"))
     store.add_guest(Guest(300, "nt1", "lxc", [Disk("local-zfs:subvol-300-disk-0")]))
-    store.create_job(Job("300-0", "nt2"))  # no beat runs here: only this enqueue runs it
+    store.create_job(Job("300-0", "nt2"))  # no beat runs here: only the test's enqueues run it
     out = tmp_path / "calls.jsonl"
     script = tmp_path / "hook.py"
     script.write_text(HOOK)
@@ -295,17 +295,7 @@ def test_real_worker_calls_the_hook_on_failure(redis_url: str, tmp_path: Path) -
         worker = subprocess.Popen([sys.executable, "-m", "replq", "worker", "--node", "nt1", "--concurrency", "1"],
                                   env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     try:
-        app = appmod.make_app(redis_url)
-        appmod.enqueue(app, appmod.TASK_REPLICATE, "300-0", "nt1", appmod.new_task_id("300-0"), force=True)
-        deadline = time.monotonic() + 60
-        while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert out.exists(), (tmp_path / "worker.log").read_text()[-2000:]
-        call = json.loads(out.read_text().splitlines()[0])
-        state = store.get_state("300-0")
-        assert state.fail_count == 1 and state.error
-        assert call["REPLQ_JOB_ID"] == "300-0" and call["REPLQ_JOB_TARGET"] == "nt2"
-        assert call["REPLQ_FAIL_COUNT"] == "1" and call["REPLQ_ERROR"] == state.error
+        yield store, out
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
@@ -313,3 +303,45 @@ def test_real_worker_calls_the_hook_on_failure(redis_url: str, tmp_path: Path) -
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(10)
+
+
+def test_real_worker_calls_the_hook_on_failure(hooked_worker: tuple[Store, Path], redis_url: str,
+                                               tmp_path: Path) -> None:
+    """End to end: a real `replq worker` runs a job whose target is unreachable; the hook in the
+    worker's environment gets the failure."""
+    import time
+
+    from replq import app as appmod
+
+    store, out = hooked_worker
+    app = appmod.make_app(redis_url)
+    appmod.enqueue(app, appmod.TASK_REPLICATE, "300-0", "nt1", appmod.new_task_id("300-0"), force=True)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert out.exists(), (tmp_path / "worker.log").read_text()[-2000:]
+    call = json.loads(out.read_text().splitlines()[0])
+    state = store.get_state("300-0")
+    assert state.fail_count == 1 and state.error
+    assert call["REPLQ_JOB_ID"] == "300-0" and call["REPLQ_JOB_TARGET"] == "nt2"
+    assert call["REPLQ_FAIL_COUNT"] == "1" and call["REPLQ_ERROR"] == state.error
+
+
+def test_run_notifies_only_with_mail(hooked_worker: tuple[Store, Path], redis_url: str, tmp_path: Path) -> None:
+    """pvesr run --mail: a manual run of the due jobs notifies a failure only with --mail (the
+    scheduler's runs always do, as pvesr.service runs `pvesr run --mail 1`)."""
+    import io
+
+    from replq import dispatch
+    from replq.app import ping_worker
+    from tests.support.helpers import wait_for
+
+    store, out = hooked_worker
+    wait_for(lambda: ping_worker("nt1", 1.0, redis_url), 60, "the worker of nt1")
+    assert dispatch.run_remote(store, None, wait=True, out=io.StringIO(), redis_url=redis_url) == 1
+    assert store.get_state("300-0").fail_count == 1
+    assert not out.exists(), "a run without --mail called the hook"
+    store.update_state("300-0", last_try=0)  # schedule-now: due again (fail_count stays)
+    assert dispatch.run_remote(store, None, wait=True, out=io.StringIO(), redis_url=redis_url, mail=True) == 1
+    calls = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [c["REPLQ_FAIL_COUNT"] for c in calls] == ["2"], (tmp_path / "worker.log").read_text()[-2000:]

@@ -36,3 +36,8 @@ def test_help_command_as_pvesr() -> None:
     assert "Usage: replq create-local-job" in everything and "Usage: replq sandbox up" in everything
     bad = run("help", "no-such")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_run_mail_excludes_id() -> None:
+    r = run("run", "--mail", "--id", "100-0")
+    assert r.returncode == 2 and "Mail and id are mutually exclusive!" in r.stderr and r.stderr.count("\n") == 1
