@@ -5,7 +5,8 @@ module), which keeps the layers one-way:
 
     jobs.py       pvesr's job commands: create-local-job, update, delete, enable, disable, read,
                   list, status, schedule-now, set-state
-    run.py        run (to the guest's worker, --local, --dry-run) and log
+    run.py        run (to the guest's worker, --local, --dry-run, --mail) and log
+    localjob.py   prepare-local-job, finalize-local-job (a job's steps on its target)
     inventory.py  node, storage, guest
     migrate.py    migrate, guest move
     config.py     settings, config export/import
@@ -20,7 +21,20 @@ from __future__ import annotations
 
 import click
 
-from replq.cli import calendar, config, help, inventory, jobs, migrate, run, runtime, sandbox, services, web
+from replq.cli import (
+    calendar,
+    config,
+    help,
+    inventory,
+    jobs,
+    localjob,
+    migrate,
+    run,
+    runtime,
+    sandbox,
+    services,
+    web,
+)
 from replq.cli.base import Env, group, run_group
 
 
@@ -36,7 +50,7 @@ def cli(ctx: click.Context, redis_url: str | None, node: str | None) -> None:
 
 for command in (
     jobs.create_local_job, jobs.update, jobs.delete, jobs.enable, jobs.disable, jobs.read, jobs.list_jobs,
-    jobs.status, jobs.schedule_now, jobs.set_state,
+    jobs.status, jobs.schedule_now, jobs.set_state, localjob.prepare_local_job, localjob.finalize_local_job,
     run.run_cmd, run.log_cmd,
     inventory.node_group, inventory.storage_group, inventory.guest_group,
     migrate.migrate_cmd,
