@@ -21,6 +21,7 @@ from replq.jobstate import state_cell, status_row
 from replq.model import (
     PVESR_IGNORED_STATE,
     Job,
+    check_node_name,
     check_state_fields,
     check_vmid,
     format_rate,
@@ -194,26 +195,51 @@ def _no_constants(name: str) -> Any:
 
 
 def parse_state_json(vmid: int, text: str) -> dict[str, dict[str, Any]]:
-    """pvesr set-state's argument: {"JOBID": {state fields}, ...} for jobs of guest VMID; strict."""
+    """set-state's argument, strict: {KEY: {state fields}} for jobs of guest VMID, where KEY is a job
+    id or, as pvesr writes it (PVE::ReplicationState), `local/<target>`. Values are checked here;
+    `local/<target>` keys are mapped to jobs by `map_targets`."""
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise ValidationError(f"state: invalid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise ValidationError("state: expected a JSON object mapping job IDs to job states")
+        raise ValidationError("state: expected a JSON object mapping job IDs (or local/TARGET) to job states")
     out = {}
-    for job_id, st in data.items():
-        guest, _ = parse_job_id(job_id)
-        if guest != vmid:
-            raise ValidationError(f"state: job '{job_id}' does not belong to guest {vmid}")
+    for key, st in data.items():
+        if key.startswith("local/"):
+            check_node_name(key[len("local/"):], "target node name")
+        else:
+            guest, _ = parse_job_id(key)
+            if guest != vmid:
+                raise ValidationError(f"state: job '{key}' does not belong to guest {vmid}")
         if not isinstance(st, dict):
-            raise ValidationError(f"state: the state of job '{job_id}' must be an object")
+            raise ValidationError(f"state: the state of '{key}' must be an object")
         fields = {k: v for k, v in st.items() if k not in PVESR_IGNORED_STATE}
         try:
-            out[job_id] = check_state_fields(fields, allow_runtime=False)
+            out[key] = check_state_fields(fields, allow_runtime=False)
         except ValidationError as exc:
-            raise ValidationError(f"state of job '{job_id}': {exc}") from None
+            raise ValidationError(f"state of '{key}': {exc}") from None
     return out
+
+
+def map_targets(vmid: int, states: dict[str, dict[str, Any]], jobs: list[Job]) -> dict[str, dict[str, Any]]:
+    """pvesr's form → job ids: `local/<target>` is the guest's job to that target. pvesr replaces
+    the guest's whole state with it, so the guest's jobs it does not name are reset."""
+    if not any(k.startswith("local/") for k in states):
+        return states
+    by_target = {j.target: j.id for j in jobs}
+    out: dict[str, dict[str, Any]] = {}
+    for key, fields in states.items():
+        job_id = key
+        if key.startswith("local/"):
+            target = key[len("local/"):]
+            if target not in by_target:
+                raise ValidationError(f"state: guest {vmid} has no replication job to target '{target}'")
+            job_id = by_target[target]
+        if job_id in out:
+            raise ValidationError(f"state: job '{job_id}' is given twice")
+        out[job_id] = fields
+    return {**{j.id: {} for j in jobs}, **out}
 
 
 @click.command("set-state")
@@ -221,12 +247,11 @@ def parse_state_json(vmid: int, text: str) -> dict[str, dict[str, Any]]:
 @click.argument("state", metavar="STATE")
 @pass_env
 def set_state(env: Env, vmid: str, state: str) -> None:
-    """Set the replication state of a guest's jobs (pvesr: used on migration), e.g.
-    '{"100-0": {"last_sync": 1700000000, "fail_count": 0}}'. Unlisted fields are reset."""
+    """Set the replication state of a guest's jobs (pvesr: used on migration), as pvesr sends it,
+    '{"local/pve2": {"last_sync": 1700000000, "fail_count": 0, ...}}' (the whole guest's state),
+    or by job id, '{"100-0": {...}}'. Unlisted fields are reset; last_iteration, pid, ptime are ignored."""
     v = check_vmid(vmid)
     states = parse_state_json(v, state)
     store = env.store()
     store.get_guest(v)
-    store.replace_states(states)
-
-
+    store.replace_states(map_targets(v, states, store.list_jobs(v)))

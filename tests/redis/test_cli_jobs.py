@@ -150,6 +150,54 @@ def test_schedule_now_and_set_state(store: Store) -> None:
     assert store.get_state("100-0").error == "x"
 
 
+# What pvesr's set-state gets during a migration: PVE::ReplicationState's state of one guest,
+# keyed by target (get_unique_target_id), as encode_json writes it (any key order).
+PVESR_STATE = ('{"local/pve3":{"last_node":"pve1","last_iteration":1773144000,"storeid_list":["local-zfs"],'
+               '"fail_count":0,"last_try":1773144000,"duration":1.843127,"last_sync":1773144000},'
+               '"local/pve2":{"pid":4242,"ptime":"123456","fail_count":2,"error":"storage \'local-zfs\' is not '
+               'available on node \'pve2\'","last_try":1773147600,"last_sync":1773140400,"duration":0.071,'
+               '"last_node":"pve1","storeid_list":["local-zfs"],"last_iteration":1773147600}}')
+
+
+def test_set_state_in_pvesr_form_round_trip(store: Store) -> None:
+    ok("create-local-job", "100-0", "pve2")
+    ok("create-local-job", "100-1", "pve3")
+    ok("create-local-job", "101-0", "pve2")
+    store.update_state("101-0", last_sync=5, last_try=5)
+    ok("set-state", "100", PVESR_STATE)
+    sent = json.loads(PVESR_STATE)
+    for job_id, target in (("100-0", "local/pve2"), ("100-1", "local/pve3")):
+        st = store.get_state(job_id).to_dict()
+        expected = {k: v for k, v in sent[target].items() if k not in ("pid", "ptime", "last_iteration")}
+        assert {k: st[k] for k in expected} == expected, job_id
+        assert st["worker"] is None and st["task_id"] is None  # a foreign pid never reads as running
+    assert store.get_state("101-0").last_sync == 5  # another guest's job: untouched
+    rows = {r["id"]: r for r in json.loads(ok("status", "--output-format", "json"))}
+    assert rows["100-0"]["state"] == "storage 'local-zfs' is not available on node 'pve2'"
+    assert rows["100-0"]["fail_count"] == 2 and rows["100-1"]["duration"] == 1.843127
+    # ... and back: the job-id form of what status shows sets the same state.
+    again = {j: {k: rows[j][k] or 0 for k in ("last_sync", "last_try", "fail_count", "duration")} for j in rows
+             if j.startswith("100-")}
+    for j in again:
+        again[j] |= {"error": rows[j]["error"], "last_node": "pve1", "storeid_list": ["local-zfs"]}
+    before = {j: store.get_state(j) for j in again}
+    ok("set-state", "100", json.dumps(again))
+    assert {j: store.get_state(j) for j in again} == before
+
+
+def test_set_state_pvesr_form_replaces_the_guests_state(store: Store) -> None:
+    # pvesr writes the object as the guest's whole state: a job it does not name is reset.
+    ok("create-local-job", "100-0", "pve2")
+    ok("create-local-job", "100-1", "pve3")
+    store.update_state("100-1", last_sync=7, last_try=7)
+    ok("set-state", "100", '{"local/pve2": {"last_sync": 9, "last_try": 9}}')
+    assert store.get_state("100-0").last_sync == 9 and store.get_state("100-1").last_sync == 0
+    assert "no replication job to target 'pve9'" in inproc("set-state", "100", '{"local/pve9": {}}')
+    assert "given twice" in inproc("set-state", "100", '{"local/pve2": {}, "100-0": {}}')
+    assert "invalid target node name" in inproc("set-state", "100", '{"local/-x": {}}')
+    assert store.get_state("100-0").last_sync == 9
+
+
 def test_unreachable_redis_is_one_line(redis_url: str) -> None:
     r = subprocess.run([sys.executable, "-m", "replq", "--redis", "redis://127.0.0.1:1/0", "list"],
                        capture_output=True, text=True, timeout=60)
