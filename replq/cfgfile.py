@@ -6,10 +6,13 @@
     <TAB>rate 10
     <TAB>schedule */5
 
-Option order follows Proxmox's writer: comment, disable, the fixed option (target), then the
-others sorted. The comment is URI-escaped like PVE::Tools::encode_text (control characters,
-0x7f-0xff, ':' and '%'); replq also escapes leading/trailing white space, which the line
-syntax would otherwise lose, so export → import → export is exact.
+As PVE::SectionConfig writes it (pve-common src/PVE/SectionConfig.pm write_config): comment,
+disable (a bare line), the fixed option (target), then the others sorted; only options that are
+set (an unset schedule stays unset: the default `*/15` applies); sections in file order (new ones
+appended), each followed by a blank line. The comment is PVE::Tools::encode_text'ed: UTF-8
+encoded, then every byte outside printable ASCII, and ':' and '%', %-escaped (`Büro` →
+`B%C3%BCro`); decode_text reverses it. replq also escapes white space at either end of a comment
+(as %20), which the line syntax would otherwise lose, so export → import → export is exact.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import re
 from typing import Any
 
 from replq.errors import ValidationError
-from replq.model import Job, format_rate, job_id_sort_key, parse_bool, parse_job_id, show
+from replq.model import Job, format_rate, parse_bool, parse_job_id, show, trusted
 
 OPTION_ORDER = ("target", "rate", "remove_job", "schedule", "source")
 KNOWN = ("comment", "disable", *OPTION_ORDER)
@@ -26,10 +29,13 @@ _HEADER_RE = re.compile(r"(\S+):\s*(\S+)\s*")
 # Only ASCII blanks separate and trail (encode_text escapes those inside a comment), so a
 # comment's own Unicode white space survives.
 _OPTION_RE = re.compile(r"[ \t]+([^ \t]+)(?:[ \t]+(.*?))?[ \t]*")
+# encode_text's unsafe bytes: all but 0x20-0x24, 0x26-0x39, 0x3b-0x7e (not '%', not ':').
+_UNSAFE = re.compile(rb"[^\x20-\x24\x26-\x39\x3b-\x7e]")
 
 
 def encode_text(text: str) -> str:
-    out = re.sub(r"[\x00-\x1f\x7f-\xff:%]", lambda m: f"%{ord(m.group()):02X}", text)
+    """PVE::Tools::encode_text: uri_escape(encode('utf8', text), unsafe), plus blank ends as %20."""
+    out = _UNSAFE.sub(lambda m: b"%%%02X" % m.group()[0], text.encode("utf-8")).decode("ascii")
     # White space at either end would be trimmed by the option syntax.
     lead = len(out) - len(out.lstrip(" "))
     trail = len(out) - len(out.rstrip(" "))
@@ -39,7 +45,11 @@ def encode_text(text: str) -> str:
 
 
 def decode_text(text: str) -> str:
-    return re.sub(r"%([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+    """PVE::Tools::decode_text: decode('utf8', uri_unescape(text)). A byte that is not part of
+    valid UTF-8 reads as the Latin-1 character of that code (replq's exports before issue 16
+    escaped 0x80-0xff that way); Proxmox's files are always valid UTF-8."""
+    raw = re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode("utf-8"))
+    return re.sub("[\udc80-\udcff]", lambda m: chr(ord(m.group()) - 0xDC00), raw.decode("utf-8", "surrogateescape"))
 
 
 def format_job(job: Job) -> str:
@@ -57,13 +67,15 @@ def format_job(job: Job) -> str:
 
 
 def export_jobs(jobs: list[Job]) -> str:
-    """All jobs, sorted by guest and job number, sections separated by a blank line."""
-    return "\n".join(format_job(j) for j in sorted(jobs, key=lambda j: job_id_sort_key(j.id)))
+    """The jobs in the order given (the store's file order), each section followed by a blank line."""
+    return "".join(format_job(j) + "\n" for j in jobs)
 
 
 def parse(text: str) -> list[Job]:
-    """Parse a replication.cfg; every error names its line. Validates each job's own fields
-    (not references to the cluster: the store checks those before writing)."""
+    """Parse a replication.cfg into its jobs, in file order; every error names its line. Validates
+    each job's own fields (not references to the cluster: the store checks those before writing),
+    a schedule only as a calendar event: a schedule outside replq's job limits is the caller's to
+    report (pvesr has none)."""
     jobs: list[Job] = []
     seen: set[str] = set()
     section: dict[str, Any] | None = None
@@ -77,7 +89,9 @@ def parse(text: str) -> list[Job]:
         if "target" not in section:
             raise ValidationError(f"line {start}: job '{sid}': missing property 'target'")
         try:
-            jobs.append(Job(id=sid, **section))
+            job = trusted(Job, id=sid, **section)
+            job.validate(schedule_limits=False)  # the job limits are the importer's to report
+            jobs.append(job)
         except ValidationError as exc:
             raise ValidationError(f"line {start}: job '{sid}': {exc}") from None
         section = None

@@ -133,7 +133,7 @@ def state_cell(state: JobState) -> str:
 def status_row(job: Job, state: JobState, next_sync: float | None) -> dict[str, Any]:
     """One job in `status --output-format json` (SPEC §8 keys), times as epoch seconds."""
     row = {"id": job.id, "guest": job.guest, "jobnum": job.jobnum, "target": job.target, "source": job.source,
-           "schedule": job.schedule, "rate": job.rate, "enabled": not job.disable,
+           "schedule": job.effective_schedule, "rate": job.rate, "enabled": not job.disable,
            "last_sync": state.last_sync or None, "last_try": state.last_try or None, "next_sync": next_sync,
            "duration": state.duration, "fail_count": state.fail_count, "error": state.error,
            "state": state_text(state), "bytes": state.bytes}

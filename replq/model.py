@@ -16,6 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import Any, TypeVar
 
+from replq.calendar import parse as parse_calendar
 from replq.calendar import validate_job_schedule
 from replq.errors import ValidationError
 
@@ -137,12 +138,16 @@ def host_key_fingerprint(key: str) -> str:
 
 
 @lru_cache(maxsize=1024)
-def _check_schedule_cached(expr: str, tz: str) -> None:
-    validate_job_schedule(expr, tz)
+def _check_schedule_cached(expr: str, tz: str, limits: bool) -> None:
+    if limits:
+        validate_job_schedule(expr, tz)
+    else:
+        parse_calendar(expr)
 
 
-def check_schedule(expr: object, tz: str = "UTC") -> str:
-    """A calendar event a job accepts (parse + job limits of the calendar module), ≤ 128 chars."""
+def check_schedule(expr: object, tz: str = "UTC", limits: bool = True) -> str:
+    """A calendar event a job accepts (parse + job limits of the calendar module), ≤ 128 chars.
+    limits=False: only parsed (a job imported from a Proxmox file, where pvesr has no such limits)."""
     expr = _clean(expr, "schedule")
     if len(expr) > MAX_SCHEDULE:
         raise ValidationError(f"schedule: value may only be {MAX_SCHEDULE} characters long")
@@ -151,7 +156,7 @@ def check_schedule(expr: object, tz: str = "UTC") -> str:
     if not expr.isprintable():  # a control character would also break the one-line error
         raise ValidationError(f"schedule: invalid character in '{show(expr)}'")
     try:
-        _check_schedule_cached(expr, tz)
+        _check_schedule_cached(expr, tz, limits)
     except ValidationError:
         raise
     except ValueError as exc:  # CalendarError or similar: keep the calendar's message
@@ -175,11 +180,15 @@ def check_rate(rate: object) -> float:
     return float(rate)
 
 
+def perl_number(value: float) -> str:
+    """A number as Perl prints it (%.15g): 10.0 → '10', 2.5 → '2.5', 1.843127 → '1.843127'. pvesr's
+    output and files show numbers this way (JSON::XS and Perl's stringification alike)."""
+    return f"{value:.15g}"
+
+
 def format_rate(rate: float | None) -> str:
-    """10.0 → '10', 2.5 → '2.5' (as an operator wrote it)."""
-    if rate is None:
-        return "-"
-    return str(int(rate)) if rate == int(rate) and abs(rate) < 1e15 else repr(rate)
+    """10.0 → '10', 2.5 → '2.5' (as pvesr prints a rate), '-' when unlimited."""
+    return "-" if rate is None else perl_number(rate)
 
 
 def check_comment(comment: object) -> str:
@@ -411,7 +420,7 @@ def replicatable_volumes(guest: Guest, storages: dict[str, Storage]) -> list[Dis
 class Job:
     id: str
     target: str
-    schedule: str = DEFAULT_SCHEDULE
+    schedule: str | None = None  # unset: DEFAULT_SCHEDULE applies (pvesr: `$jobcfg->{schedule} || '*/15'`)
     rate: float | None = None
     comment: str | None = None
     disable: bool = False
@@ -421,10 +430,13 @@ class Job:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self, tz: str = "UTC") -> None:
+    def validate(self, tz: str = "UTC", schedule_limits: bool = True) -> None:
+        """Check and normalise every field. schedule_limits=False accepts a schedule outside the
+        job limits (SPEC §4) that still parses: an imported job's, or one that is not being changed."""
         parse_job_id(self.id)
         self.target = check_node_name(self.target, "target node name")
-        self.schedule = check_schedule(self.schedule, tz)
+        if self.schedule is not None:
+            self.schedule = check_schedule(self.schedule, tz, schedule_limits)
         if self.rate is not None:
             self.rate = check_rate(self.rate)
         if self.comment is not None:
@@ -447,10 +459,15 @@ class Job:
     def type(self) -> str:
         return "local"
 
+    @property
+    def effective_schedule(self) -> str:
+        """The calendar the job runs on: its schedule, else the default `*/15`."""
+        return self.schedule or DEFAULT_SCHEDULE
+
     def config(self) -> dict[str, Any]:
         """The stored configuration: set fields only."""
-        out: dict[str, Any] = {"id": self.id, "target": self.target, "schedule": self.schedule}
-        for k in ("rate", "comment", "remove_job", "source"):
+        out: dict[str, Any] = {"id": self.id, "target": self.target}
+        for k in ("schedule", "rate", "comment", "remove_job", "source"):
             v = getattr(self, k)
             if v is not None:
                 out[k] = v

@@ -22,5 +22,5 @@ def guest_row(g: Guest) -> dict[str, Any]:
 
 def job_row(job: Job) -> dict[str, Any]:
     return {"id": job.id, "type": "local", "guest": job.guest, "jobnum": job.jobnum, "target": job.target,
-            "schedule": job.schedule, "rate": job.rate, "enabled": not job.disable, "comment": job.comment,
+            "schedule": job.effective_schedule, "rate": job.rate, "enabled": not job.disable, "comment": job.comment,
             "source": job.source, "remove_job": job.remove_job}

@@ -29,4 +29,4 @@ def next_sync(job: Job, state: JobState, retry_interval: float | dict, tz: str, 
         return state.last_try + retry_interval
     if not state.last_try:
         return now
-    return next_event_epoch(job.schedule, state.last_try, tz)
+    return next_event_epoch(job.effective_schedule, state.last_try, tz)

@@ -9,10 +9,12 @@ from pathlib import Path
 import click
 
 from replq import backup, settings
+from replq.calendar import job_limit_problem
+from replq.calendar import parse as parse_calendar
 from replq.cfgfile import export_jobs, parse
 from replq.cli.base import Env, emit, group, output_option, pass_env
 from replq.errors import Conflict, ValidationError
-from replq.model import job_id_sort_key, show
+from replq.model import show
 from replq.output import table
 
 
@@ -53,8 +55,10 @@ def config_group() -> None:
 @config_group.command("export")
 @pass_env
 def config_export(env: Env) -> None:
-    """Print every job in the replication.cfg format."""
-    click.echo(export_jobs(env.store().list_jobs()), nl=False)
+    """Print every job in the replication.cfg format, in file order (creation/import order)."""
+    store = env.store()
+    jobs = {j.id: j for j in store.list_jobs()}
+    click.echo(export_jobs([jobs[j] for j in store.job_ids_in_file_order() if j in jobs]), nl=False)
 
 
 def read_input(path: str) -> str:
@@ -73,8 +77,9 @@ def read_input(path: str) -> str:
 @click.argument("path", metavar="FILE")
 @pass_env
 def config_import(env: Env, path: str) -> None:
-    """Create the jobs of a replication.cfg ('-' = stdin). All are validated before any is written;
-    jobs already present with the same configuration are skipped, different ones refused."""
+    """Create the jobs of a replication.cfg ('-' = stdin), in file order. All are validated before any
+    is written; jobs already present with the same configuration are skipped, different ones refused.
+    A schedule outside replq's job limits is imported with a warning (pvesr has no such limits)."""
     jobs = parse(read_input(path))
     store = env.store()
     existing = {j.id: j for j in store.list_jobs()}
@@ -85,7 +90,13 @@ def config_import(env: Env, path: str) -> None:
             new.append(job)
         elif old.config() != job.config():
             raise Conflict(f"replication job '{job.id}' already exists with a different configuration")
-    store.create_jobs(sorted(new, key=lambda j: job_id_sort_key(j.id)))
+    store.create_jobs(new, schedule_limits=False)
+    tz = store.get_settings()["timezone"]
+    for job in new:
+        problem = job.schedule and job_limit_problem(parse_calendar(job.schedule), tz)
+        if problem:
+            click.echo(f"replq: warning: job {job.id}: schedule '{job.schedule}' {problem}; imported as it is "
+                       "(pvesr has no such limit), but create-local-job and update would refuse it", err=True)
     click.echo(f"imported {len(new)} job(s), {len(jobs) - len(new)} unchanged")
 
 

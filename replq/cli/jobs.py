@@ -147,7 +147,8 @@ def list_jobs(env: Env, output_format: str) -> None:
     jobs = env.store().list_jobs()
     emit([job_row(j) for j in jobs], output_format, lambda: table(
         ["JobID", "Target", "Schedule", "Rate", "Enabled"],
-        [(j.id, f"local/{j.target}", j.schedule, format_rate(j.rate), "no" if j.disable else "yes") for j in jobs]))
+        [(j.id, f"local/{j.target}", j.effective_schedule, format_rate(j.rate), "no" if j.disable else "yes")
+         for j in jobs]))
 
 
 @click.command("status")

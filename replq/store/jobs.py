@@ -31,15 +31,17 @@ class JobStore(StoreBase):
     def create_job(self, job: Job, now: float | None = None) -> None:
         self.create_jobs([job], now)
 
-    def check_new_jobs(self, jobs: Sequence[Job], client: Any = None, tz: str | None = None) -> None:
-        """Everything SPEC §2 requires of new jobs, against the store as it is (no writes)."""
+    def check_new_jobs(self, jobs: Sequence[Job], client: Any = None, tz: str | None = None,
+                       schedule_limits: bool = True) -> None:
+        """Everything SPEC §2 requires of new jobs, against the store as it is (no writes).
+        schedule_limits=False: a schedule outside the job limits is accepted (config import)."""
         c = client or self.redis
         tz = tz or self._settings(c)["timezone"]
         storages = self._storages(c)
         pairs: dict[tuple[int, str], str] = {}
         ids: set[str] = set()
         for job in jobs:
-            job.validate(tz)
+            job.validate(tz, schedule_limits)
             if job.id in ids or c.exists(self.k("job", job.id)):
                 raise Conflict(f"replication job '{job.id}' already exists")
             ids.add(job.id)
@@ -66,8 +68,9 @@ class JobStore(StoreBase):
                 raise Conflict(f"replication job for guest '{job.guest}' to target '{job.target}' already exists")
             pairs[(job.guest, job.target)] = job.id
 
-    def create_jobs(self, jobs: Sequence[Job], now: float | None = None) -> None:
-        """Create jobs all or nothing (config import uses this for a whole file)."""
+    def create_jobs(self, jobs: Sequence[Job], now: float | None = None, schedule_limits: bool = True) -> None:
+        """Create jobs all or nothing, in this order (config import uses this for a whole file).
+        Each job gets the next sequence number: `config export` writes them in that order."""
         now = time.time() if now is None else now
         watch = {self.k("settings"), self.k("storages")}
         for job in jobs:
@@ -78,12 +81,14 @@ class JobStore(StoreBase):
 
         def fn(pipe: Any) -> None:
             settings = self._settings(pipe)
-            self.check_new_jobs(jobs, pipe, settings["timezone"])
+            self.check_new_jobs(jobs, pipe, settings["timezone"], schedule_limits)
+            # At once, outside the transaction: a retry only leaves a gap in the sequence.
+            first = int(pipe.incrby(self.k("jobseq"), len(jobs))) - len(jobs) + 1
             pipe.multi()
-            for job in jobs:
+            for n, job in enumerate(jobs):
                 pipe.delete(self.k("job", job.id), self.k("state", job.id), self.k("progress", job.id),
                             self.k("log", job.id))
-                pipe.hset(self.k("job", job.id), "cfg", _json(job.config()))
+                pipe.hset(self.k("job", job.id), mapping={"cfg": _json(job.config()), "_seq": first + n})
                 pipe.sadd(self.k("jobs"), job.id)
                 pipe.sadd(self.k("guestjobs", job.guest), job.id)
                 pipe.sadd(self.k("nodetargets", job.target), job.id)
@@ -97,6 +102,16 @@ class JobStore(StoreBase):
         if not raw:
             raise NotFound(f"replication job '{job_id}' does not exist")
         return self._job(raw)
+
+    def job_ids_in_file_order(self) -> list[str]:
+        """Every job id in creation order, as replication.cfg keeps its sections (jobs older than
+        the sequence numbers first, by id)."""
+        ids = self.job_ids()
+        pipe = self.redis.pipeline(transaction=False)
+        for j in ids:
+            pipe.hget(self.k("job", j), "_seq")
+        seqs = pipe.execute()
+        return [j for _, j in sorted(zip([int(s or 0) for s in seqs], ids, strict=True), key=lambda p: p[0])]
 
     def job_ids(self, guest: int | None = None) -> list[str]:
         key = self.k("jobs") if guest is None else self.k("guestjobs", check_vmid(guest))
@@ -155,8 +170,9 @@ class JobStore(StoreBase):
             cfg = {**old.config(), **changes}
             for k in delete:
                 cfg.pop(k, None)
-            new = Job(**cfg)
-            new.validate(settings["timezone"])
+            new = trusted(Job, **cfg)
+            # The job limits apply to a schedule being set; an imported one outside them stays valid.
+            new.validate(settings["timezone"], schedule_limits="schedule" in changes)
             if new.source is not None and new.source != old.source and not pipe.exists(self.k("node", new.source)):
                 raise NotFound(f"no such cluster node '{new.source}'")
             if new.config() == old.config():

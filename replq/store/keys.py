@@ -12,7 +12,9 @@ Only the store package knows Redis keys. Key layout (prefix P, default "replq:")
     P guest:<vmid>          hash  vmid, node, type, disks, purge
     P guestjobs:<vmid>      set   job ids of the guest
     P jobs                  set   job ids
-    P job:<id>              hash  cfg: job config as JSON (set fields only); _rev: bumped by every reindexing write
+    P job:<id>              hash  cfg: job config as JSON (set fields only); _rev: bumped by every reindexing write;
+                                  _seq: creation order (replication.cfg's section order)
+    P jobseq                str   the last job sequence number
     P state:<id>            str   JobState as JSON (without progress)
     P progress:<id>         str   progress of the running job as JSON (frequent writes, kept apart)
     P sched                 zset  job id -> next_sync (absent = never due)
@@ -37,7 +39,6 @@ import redis.lock
 from replq import settings
 from replq.errors import ValidationError
 from replq.model import (
-    DEFAULT_SCHEDULE,
     Disk,
     Guest,
     Job,
@@ -152,7 +153,7 @@ class StoreBase:
 
     @staticmethod
     def _job(raw: dict[str, str]) -> Job:
-        return trusted(Job, **{"schedule": DEFAULT_SCHEDULE, **json.loads(raw["cfg"])})
+        return trusted(Job, **json.loads(raw["cfg"]))
 
     @staticmethod
     def _state(raw: str | None, progress: str | None = None) -> JobState:

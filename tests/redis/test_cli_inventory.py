@@ -16,7 +16,7 @@ import redis
 
 from replq.model import Disk, Guest, Job, Node, Storage
 from replq.store import Store
-from tests.support.helpers import ok, refused
+from tests.support.helpers import ok, refused, run
 from tests.support.redisproc import free_port
 
 
@@ -216,9 +216,12 @@ def test_settings(redis_url: str) -> None:
     assert "retry_interval" in refused("settings", "set", "retry_interval", "5")
 
 
-CFG = ("local: 100-0\n\tcomment DR%3A copy 100%25%0Anext line\n\ttarget pve2\n\trate 10\n\tschedule */5\n"
-       "\tsource pve1\n\nlocal: 100-1\n\tdisable\n\ttarget pve3\n\tschedule mon..fri 8..17,22:0/15\n\n"
-       "local: 101-0\n\ttarget pve2\n\trate 2.5\n\tschedule */00\n")
+# As pvesr writes it: sections in file order (not sorted), an unset schedule absent, a comment
+# UTF-8 encoded and %-escaped (PVE::Tools::encode_text), a blank line after every section.
+CFG = ("local: 101-0\n\ttarget pve2\n\trate 2.5\n\tschedule */00\n\n"
+       "local: 100-0\n\tcomment DR%3A copy 100%25%0Anext line, B%C3%BCro\n\ttarget pve2\n\trate 10\n"
+       "\tschedule */5\n\tsource pve1\n\n"
+       "local: 100-1\n\tdisable\n\ttarget pve3\n\n")
 
 
 def test_config_export_import_round_trip(redis_url: str, tmp_path: Path) -> None:
@@ -227,7 +230,8 @@ def test_config_export_import_round_trip(redis_url: str, tmp_path: Path) -> None
     f.write_text(CFG)
     assert ok("config", "import", str(f)).strip() == "imported 3 job(s), 0 unchanged"
     assert ok("config", "export") == CFG
-    assert Store.from_url(redis_url).get_job("100-0").comment == "DR: copy 100%\nnext line"
+    assert Store.from_url(redis_url).get_job("100-0").comment == "DR: copy 100%\nnext line, Büro"
+    assert Store.from_url(redis_url).get_job("100-1").schedule is None
     assert ok("config", "import", str(f)).strip() == "imported 0 job(s), 3 unchanged"
     # Export, wipe, import the export: identical again.
     exported = ok("config", "export")
@@ -236,6 +240,32 @@ def test_config_export_import_round_trip(redis_url: str, tmp_path: Path) -> None
     f.write_text(exported)
     ok("config", "import", str(f))
     assert ok("config", "export") == CFG
+    # A job created later is appended, as pvesr appends a new section.
+    Store.from_url(redis_url).add_guest(Guest(102, "pve1", "lxc", [Disk("local-zfs:subvol-102-disk-0")]))
+    ok("create-local-job", "102-0", "pve3")
+    assert ok("config", "export") == CFG + "local: 102-0\n\ttarget pve3\n\n"
+
+
+def test_config_import_warns_of_schedules_outside_the_job_limits(redis_url: str, tmp_path: Path) -> None:
+    # pvesr accepts any calendar event; replq's job limits (SPEC §4) must not make a whole Proxmox
+    # file fail: such a job is imported as it is, with a warning, and keeps its schedule.
+    store = inventory(redis_url, (100, 101, 102))
+    f = tmp_path / "replication.cfg"
+    f.write_text("local: 100-0\n\ttarget pve2\n\tschedule sat *-1..7 15:00\n\n"
+                 "local: 101-0\n\ttarget pve2\n\tschedule *:*:0/10\n\n"
+                 "local: 102-0\n\ttarget pve2\n\n")
+    r = run("config", "import", str(f))
+    assert r.returncode == 0 and r.stdout.strip() == "imported 3 job(s), 0 unchanged", r.stderr
+    warnings = r.stderr.splitlines()
+    assert len(warnings) == 2 and all(w.startswith("replq: warning: job 10") for w in warnings), warnings
+    assert "sat *-1..7 15:00" in warnings[0] and "7 days" in warnings[0] and "once a minute" in warnings[1]
+    assert [j.schedule for j in store.list_jobs()] == ["sat *-1..7 15:00", "*:*:0/10", None]
+    # create-local-job and update keep refusing them, naming the limit ...
+    assert "7 days" in refused("update", "102-0", "--schedule", "sat *-1..7 15:00")
+    assert "once a minute" in refused("update", "102-0", "--schedule", "*:*:0/10")
+    # ... but an imported job's other properties can still be changed.
+    ok("update", "100-0", "--rate", "5")
+    assert store.get_job("100-0").schedule == "sat *-1..7 15:00" and store.get_job("100-0").rate == 5
 
 
 @pytest.mark.parametrize("text,message", [
@@ -243,7 +273,7 @@ def test_config_export_import_round_trip(redis_url: str, tmp_path: Path) -> None
     ("local: 100-0\n\ttarget pve2\n\nlocal: 100-1\n\ttarget pve2\n", "to target 'pve2' already exists"),
     ("local: 100-0\n\ttarget pve2\n\nlocal: 150-0\n\ttarget pve2\n", "guest '150' does not exist"),
     ("local: 100-0\n\ttarget pve2\n\nlocal: 101-0\n\ttarget pve9\n", "no such cluster node 'pve9'"),
-    ("local: 100-0\n\ttarget pve2\n\nlocal: 101-0\n\ttarget pve2\n\tschedule 2015-10-21\n", "line 4"),
+    ("local: 100-0\n\ttarget pve2\n\nlocal: 101-0\n\ttarget pve2\n\tschedule */0\n", "line 4"),
 ])
 def test_config_import_validates_everything_first(redis_url: str, tmp_path: Path, text: str, message: str) -> None:
     inventory(redis_url, (100, 101))
@@ -258,7 +288,7 @@ def test_config_import_validates_everything_first(redis_url: str, tmp_path: Path
 def test_config_import_refuses_changed_existing_job(redis_url: str, tmp_path: Path) -> None:
     inventory(redis_url, (100,)).create_job(Job("100-0", "pve2", rate=5))
     f = tmp_path / "r.cfg"
-    f.write_text("local: 100-0\n\ttarget pve2\n\trate 6\n\tschedule */15\n")
+    f.write_text("local: 100-0\n\ttarget pve2\n\trate 6\n")
     assert "different configuration" in refused("config", "import", str(f))
     assert "cannot read" in refused("config", "import", str(tmp_path / "missing.cfg"))
     f.write_bytes(b"local: 100-0\n\tcomment \xff\n\ttarget pve2\n")

@@ -164,7 +164,8 @@ def test_update_rules(store: Store) -> None:
     raises(NotFound, "'100-9' does not exist", lambda: store.update_job("100-9", {"rate": 2}))
     job = store.update_job("100-0", {"schedule": "*/00"}, ["rate", "comment"])
     assert (job.schedule, job.rate, job.comment) == ("*/00", None, None)
-    assert store.update_job("100-0", {}, ["schedule"]).schedule == "*/15"
+    unset = store.update_job("100-0", {}, ["schedule"])  # unset again: the default applies, as in pvesr
+    assert (unset.schedule, unset.effective_schedule) == (None, "*/15")
 
 
 def test_schedule_index_follows_every_change(store: Store) -> None:

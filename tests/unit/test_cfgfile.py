@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,7 +12,7 @@ from replq.cfgfile import decode_text, encode_text, export_jobs, parse
 from replq.errors import ValidationError
 from replq.model import Job
 
-SPEC_SAMPLE = "local: 100-0\n\tcomment DR copy\n\ttarget pve2\n\trate 10\n\tschedule */5\n\tsource pve1\n"
+SPEC_SAMPLE = "local: 100-0\n\tcomment DR copy\n\ttarget pve2\n\trate 10\n\tschedule */5\n\tsource pve1\n\n"
 
 
 def test_spec_sample_parses_and_writes_back_identically() -> None:
@@ -19,12 +21,17 @@ def test_spec_sample_parses_and_writes_back_identically() -> None:
     assert export_jobs(jobs) == SPEC_SAMPLE
 
 
-def test_layout_order_and_separation() -> None:
-    jobs = [Job("200-1", "b", disable=True, remove_job="local"), Job("100-10", "c", rate=2.5), Job("100-2", "a")]
+def test_layout_as_section_config_writes_it() -> None:
+    # PVE::SectionConfig::write_config: sections in file order, comment, disable (bare), the fixed
+    # option, the set optional ones sorted; every section followed by a blank line; an unset
+    # schedule is not written.
+    jobs = [Job("200-1", "b", disable=True, remove_job="local", schedule="*/5"), Job("100-10", "c", rate=2.5),
+            Job("100-2", "a", comment="x", rate=12.0, source="n1")]
     text = export_jobs(jobs)
-    assert text == ("local: 100-2\n\ttarget a\n\tschedule */15\n\n"
-                    "local: 100-10\n\ttarget c\n\trate 2.5\n\tschedule */15\n\n"
-                    "local: 200-1\n\tdisable\n\ttarget b\n\tremove_job local\n\tschedule */15\n")
+    assert text == ("local: 200-1\n\tdisable\n\ttarget b\n\tremove_job local\n\tschedule */5\n\n"
+                    "local: 100-10\n\ttarget c\n\trate 2.5\n\n"
+                    "local: 100-2\n\tcomment x\n\ttarget a\n\trate 12\n\tsource n1\n\n")
+    assert [j.id for j in parse(text)] == ["200-1", "100-10", "100-2"]
     assert export_jobs(parse(text)) == text
 
 
@@ -50,10 +57,50 @@ def test_pve_encoding_compatible() -> None:
     assert decode_text("DR%3A 50%25%0A") == "DR: 50%\n"
 
 
+# PVE::Tools::encode_text = uri_escape(Encode::encode("utf8", $text), "^\x20-\x24\x26-\x39\x3b-\x7e"):
+# the UTF-8 bytes of every character outside printable ASCII, and ':' and '%', as %XX (upper case).
+@pytest.mark.parametrize(("text", "encoded"), [
+    ("Büro", "B%C3%BCro"),
+    ("DR-Kopie → pve2: täglich", "DR-Kopie %E2%86%92 pve2%3A t%C3%A4glich"),
+    ("Ωmega ✓ 😀", "%CE%A9mega %E2%9C%93 %F0%9F%98%80"),
+    ("tab\there\x7f", "tab%09here%7F"),
+    ("a#b$c&d'e;f<g>h~i", "a#b$c&d'e;f<g>h~i"),
+])
+def test_comment_encoding_as_section_config(text: str, encoded: str) -> None:
+    assert encode_text(text) == encoded
+    assert decode_text(encoded) == text
+    assert decode_text(re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), encoded)) == text  # either case
+
+
+def test_decode_of_bytes_that_are_not_utf8() -> None:
+    # Proxmox never writes such; replq's earlier exports escaped Latin-1 code points (%FC for ü).
+    assert decode_text("B%FCro %E2%9C%93") == "Büro ✓"
+
+
+def test_proxmox_file_with_non_ascii_comments_round_trip() -> None:
+    # As pvesr writes it: order kept, schedule absent where never set, comment UTF-8 %-escaped.
+    text = ("local: 105-0\n\tcomment Sicherung B%C3%BCro%3A t%C3%A4glich\n\ttarget pve2\n\tschedule 22:30\n"
+            "\tsource pve1\n\n"
+            "local: 100-1\n\tcomment %E6%97%A5%E6%9C%AC %F0%9F%98%80\n\tdisable\n\ttarget pve3\n\trate 2.5\n\n")
+    jobs = parse(text)
+    assert [(j.id, j.comment, j.schedule) for j in jobs] == [
+        ("105-0", "Sicherung Büro: täglich", "22:30"), ("100-1", "日本 😀", None)]
+    assert export_jobs(jobs) == text
+
+
 def test_proxmox_written_file_without_schedule_and_comments() -> None:
     text = "# written by PVE\nlocal: 100-0\n\ttarget pve2\n\tdisable 1\n\nlocal: 101-0\n    target pve3\n"
     jobs = parse(text)
-    assert jobs[0].schedule == "*/15" and jobs[0].disable and jobs[1].target == "pve3"
+    assert jobs[0].schedule is None and jobs[0].effective_schedule == "*/15"
+    assert jobs[0].disable and jobs[1].target == "pve3"
+    assert "schedule" not in export_jobs(jobs)
+
+
+def test_schedules_outside_the_job_limits_parse() -> None:
+    # pvesr accepts them; the importer warns (replq.cli.config), the file still parses.
+    jobs = parse("local: 100-0\n\ttarget a\n\tschedule sat *-1..7 15:00\n\n"
+                 "local: 101-0\n\ttarget a\n\tschedule *:*:0/10\n")
+    assert [j.schedule for j in jobs] == ["sat *-1..7 15:00", "*:*:0/10"]
 
 
 @pytest.mark.parametrize("text,message", [

@@ -54,9 +54,11 @@ def test_job_id_refused(jid: str, message: str) -> None:
 
 def test_job_defaults_and_properties() -> None:
     job = Job("100-3", "pve2")
-    assert (job.guest, job.jobnum, job.schedule, job.rate, job.disable, job.type) == (100, 3, "*/15", None, False,
+    assert (job.guest, job.jobnum, job.schedule, job.rate, job.disable, job.type) == (100, 3, None, None, False,
                                                                                        "local")
-    assert job.config() == {"id": "100-3", "target": "pve2", "schedule": "*/15"}
+    # An unset schedule stays unset (pvesr keeps it out of the file); the default applies.
+    assert job.effective_schedule == "*/15"
+    assert job.config() == {"id": "100-3", "target": "pve2"}
 
 
 @pytest.mark.parametrize("rate,ok", [("1", 1.0), ("10", 10.0), ("2.5", 2.5), (1, 1.0), ("1e3", 1000.0)])
