@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 from replq.model import Job, JobState
-from replq.output import progress_line
 
 STATES = ("ok", "error", "syncing")
 
@@ -120,14 +119,6 @@ def state_text(state: JobState) -> str:
     if name == "error":
         return one_line(state.error) if state.error else f"error (fail count {state.fail_count})"
     return "OK"
-
-
-def state_cell(state: JobState) -> str:
-    """The text table's State: while a job runs, SYNCING with its progress (bytes, rate, ETA)."""
-    text = state_text(state)
-    if text == "SYNCING" and state.progress:
-        return f"SYNCING {progress_line(state.progress)}"
-    return text
 
 
 def status_row(job: Job, state: JobState, next_sync: float | None) -> dict[str, Any]:

@@ -40,6 +40,11 @@ class Env:
     def node(self) -> str:
         return context.local_node(self._node)
 
+    @property
+    def explicit_node(self) -> str | None:
+        """The node named by --node or REPLQ_NODE (never guessed from the host name), else None."""
+        return self._node or os.environ.get("REPLQ_NODE") or None
+
     def store(self) -> Store:
         """The cluster store (connected on first use, so that `calendar` needs no Redis)."""
         if self._store is None:

@@ -9,35 +9,28 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import click
 
+from replq import schedule
 from replq.cli.base import Env, ListOption, emit, output_option, pass_env, split_list
+from replq.cli.pvesr import list_text, pretty_json, read_data, status_text
 from replq.errors import NotFound, ValidationError
-from replq.jobstate import state_cell, status_row
+from replq.jobstate import status_row
 from replq.model import (
     PVESR_IGNORED_STATE,
     Job,
     check_node_name,
     check_state_fields,
     check_vmid,
-    format_rate,
     parse_job_id,
     show,
 )
-from replq.output import table
 from replq.rows import job_row
-from replq.views import check_digest, read_record
-
-
-def fmt_time(ts: float | None, tz: ZoneInfo) -> str:
-    """`YYYY-MM-DD_HH:MM:SS` in the cluster's time zone, `-` for never."""
-    if not ts:
-        return "-"
-    return datetime.fromtimestamp(ts, tz).strftime("%Y-%m-%d_%H:%M:%S")
+from replq.store import job_digest
+from replq.views import check_digest
 
 
 @click.command("create-local-job")
@@ -129,14 +122,14 @@ def disable(env: Env, job_id: str) -> None:
 @output_option
 @pass_env
 def read(env: Env, job_id: str, output_format: str) -> None:
-    """Show a replication job's configuration (with the digest for `update --digest`)."""
-    data = read_record(env.store().get_job(job_id))
-
-    def text() -> str:
-        rows = [(k, format_rate(v) if k == "rate" else (int(v) if isinstance(v, bool) else v)) for k, v in data.items()]
-        return table(["key", "value"], rows)
-
-    emit(data, output_format, text)
+    """Show a replication job's configuration as pvesr does (pretty JSON, sorted keys, set
+    properties only), with the digest for `update --digest`."""
+    job = env.store().get_job(job_id)
+    data = read_data(job, job_digest(job))
+    if output_format == "text":
+        click.echo(pretty_json(data))
+    else:
+        emit({**data, "disable": True} if job.disable else data, output_format)
 
 
 @click.command("list")
@@ -145,33 +138,37 @@ def read(env: Env, job_id: str, output_format: str) -> None:
 def list_jobs(env: Env, output_format: str) -> None:
     """List replication jobs."""
     jobs = env.store().list_jobs()
-    emit([job_row(j) for j in jobs], output_format, lambda: table(
-        ["JobID", "Target", "Schedule", "Rate", "Enabled"],
-        [(j.id, f"local/{j.target}", j.effective_schedule, format_rate(j.rate), "no" if j.disable else "yes")
-         for j in jobs]))
+    emit([job_row(j) for j in jobs], output_format, lambda: list_text(jobs))
 
 
 @click.command("status")
 @click.option("--guest", metavar="VMID", help="Only this guest's jobs.")
+@click.option("--node", "node", metavar="NAME",
+              help="Only the jobs of the guests on this node, as pvesr shows them (also: replq --node, REPLQ_NODE).")
+@click.option("--progress", is_flag=True, help="A running job's State: SYNCING and its bytes, rate and ETA "
+                                               "(not pvesr's format; JSON always has `progress`).")
 @output_option
 @pass_env
-def status(env: Env, guest: str | None, output_format: str) -> None:
-    """Replication status of every job (or one guest's)."""
+def status(env: Env, guest: str | None, node: str | None, progress: bool, output_format: str) -> None:
+    """Replication status of every job in the cluster, or of one node's guests (--node), or one guest's."""
     store = env.store()
     vmid = check_vmid(guest) if guest is not None else None
+    scope = node if node is not None else env.explicit_node
     entries = store.jobs_with_state(vmid)
+    if scope is not None:
+        # pvesr's job_status: the jobs of the guests on this node (not one to this node itself,
+        # unless it is being removed).
+        here = {g.vmid for g in store.list_guests() if g.node == check_node_name(scope)}
+        entries = [(j, s, ns) for j, s, ns in entries if j.guest in here and (j.remove_job or j.target != scope)]
     if output_format != "text":
         emit([status_row(j, s, ns) for j, s, ns in entries], output_format)
         return
-    tz = ZoneInfo(store.get_settings()["timezone"])
+    settings = store.get_settings()
     now = time.time()
-    rows = []
-    for job, state, ns in entries:
-        nxt = "-" if ns is None else ("pending" if ns <= now else fmt_time(ns, tz))
-        rows.append((job.id, "no" if job.disable else "yes", f"local/{job.target}", fmt_time(state.last_sync, tz), nxt,
-                     f"{state.duration:.2f}" if state.duration else "-", state.fail_count, state_cell(state)))
-    emit(None, "text", table(["JobID", "Enabled", "Target", "LastSync", "NextSync", "Duration", "FailCount", "State"],
-                             rows))
+    # A disabled job shows when it would be due, as pvesr computes next_sync for it too.
+    rows = [(j, s, schedule.next_sync(j, s, settings["retry_interval"], settings["timezone"], now, as_if_enabled=True)
+             if j.disable and not j.remove_job else ns) for j, s, ns in entries]
+    emit(None, "text", status_text(rows, now, ZoneInfo(settings["timezone"]), progress))
 
 
 @click.command("schedule-now")

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from replq.model import Disk, Guest, Job, Node, Storage
+from replq.model import Job
 from replq.store import Store
-from tests.support.helpers import ok, refused, run
+from tests.support.helpers import job_cluster, ok, refused, run
 
 
 @pytest.fixture
 def store(redis_url: str) -> Store:
-    s = Store.from_url(redis_url)
-    s.set_setting("timezone", "UTC")
-    for n in ("pve1", "pve2", "pve3", "pve4"):
-        s.add_node(Node(n, f"10.0.0.{n[-1]}"))
-    s.add_storage(Storage("local-zfs", "rpool/data"))
-    s.add_guest(Guest(100, "pve1", "lxc", [Disk("local-zfs:subvol-100-disk-0")]))
+    s = job_cluster(redis_url, ("pve1", "pve2", "pve3", "pve4"), {100: "pve1"})
     s.create_job(Job("100-0", "pve2", schedule="*/5", rate=10, comment="DR copy"))
     return s
 

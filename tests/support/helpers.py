@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 # The checkout under test: subprocesses run `python -m replq` from here, whatever is installed.
 REPO = str(Path(__file__).resolve().parents[2])
@@ -77,3 +78,19 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, every: float
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def job_cluster(redis_url: str, nodes: Iterable[str], guests: dict[int, str]) -> Any:
+    """A store with these nodes, the storage local-zfs (rpool/data) and guests {vmid: node} of one
+    disk each, time zone UTC: the setting of the CLI tests that need no ZFS."""
+    from replq.model import Disk, Guest, Node, Storage
+    from replq.store import Store
+
+    store = Store.from_url(redis_url)
+    store.set_setting("timezone", "UTC")
+    for n in nodes:
+        store.add_node(Node(n, f"10.0.0.{n[-1]}"))
+    store.add_storage(Storage("local-zfs", "rpool/data"))
+    for vmid, node in guests.items():
+        store.add_guest(Guest(vmid, node, "lxc", [Disk(f"local-zfs:subvol-{vmid}-disk-0")]))
+    return store
