@@ -75,6 +75,7 @@ class JobRun:
         self.send = send
         self.conn: ssh.Connection | None = None
         self.remote: zfs.Zfs | None = None
+        self.pool_storages: dict[str, str] = {}  # pool → storage id, to name volumes as pvesr's log does
 
     def sibling(self, cls: type[JobRun]) -> Any:
         """The same job on the same terms as another kind of run (a run that turns out to be a removal)."""
@@ -113,11 +114,25 @@ class JobRun:
 
     def volumes(self, guest: Any) -> tuple[list[Volume], dict[str, Any]]:
         storages = {s.id: s for s in self.store.list_storages()}
+        self.pool_storages = {s.pool: s.id for s in storages.values() if s.type == "zfspool" and s.pool}
         volumes, _skipped = planner.replicatable_volumes(
             ((d.volid, d.replicate) for d in guest.disks),
             {sid: (s.type, s.pool or "") for sid, s in storages.items()},
         )
+        self.pool_storages.update({v.pool: v.storage for v in volumes})
         return volumes, storages
+
+    def volid(self, dataset: str) -> str:
+        """`STORAGE:VOLNAME` of a dataset, as pvesr's log names volumes (the dataset if no storage has its pool)."""
+        pool, _, volname = dataset.rpartition("/")
+        sid = self.pool_storages.get(pool)
+        return f"{sid}:{volname}" if sid else dataset
+
+    def log_guest(self, guest: Any, volumes: Sequence[Volume]) -> None:
+        """pvesr's first lines of a run. replq does not know whether a guest runs (it never freezes
+        a file system), so it says `running => 0`, as pvesr does for a stopped guest."""
+        self.log(f"guest => {'VM' if guest.type == 'qemu' else 'CT'} {guest.vmid}, running => 0")
+        self.log(f"volumes => {','.join(sorted(v.volid for v in volumes))}")
 
     def connect(self, job: Any) -> zfs.Zfs:
         self.conn = self._connect_node(self.store.get_node(job.target))
@@ -147,10 +162,15 @@ class JobRun:
             yield
 
     def cleanup(self, z: zfs.Zfs, dataset: str, name: str, where: str) -> None:
-        """Delete an old replication snapshot after success; a failure only leaves it for the next run."""
+        """Delete an old replication snapshot after success; a failure only leaves it for the next run.
+        Logged as pvesr does: on the source `delete previous replication snapshot`, on the target
+        what its finalize-local-job says."""
+        if where == self.node:
+            self.log(f"delete previous replication snapshot '{name}' on {self.volid(dataset)}")
+        else:
+            self.log(f"(remote_finalize_local_job) delete stale replication snapshot '{name}' on {self.volid(dataset)}")
         try:
             z.destroy_snapshot(dataset, name)
-            self.log(f"delete previous replication snapshot '{dataset}@{name}' on {where}")
         except ReplqError as exc:
             self.log(f"warning: could not delete '{dataset}@{name}' on {where}: {exc}")
 

@@ -29,24 +29,32 @@ class Removal(JobRun):
             t0 = time.monotonic()
             start = int(self.clock())
             jobstate.record_job_start(self.store, self.job_id, start, self.node, self.worker, self.task_id)
-            self.log(f"start job removal ({job.remove_job})")
+            # pvesr's words: a removal is a replication run that removes (PVE/Replication.pm replicate)
+            self.log("start replication job")
             if self.switched:
                 self.log(self.switched)
             result = RunResult(job_id=self.job_id, ok=False, start=start, duration=0.0)
             try:
+                try:
+                    volumes = self.volumes(guest)[0]
+                except ReplqError:  # e.g. a local file disk: a removal goes on (pvesr's noerr here)
+                    volumes = []
+                self.log_guest(guest, volumes)
+                self.log(f"start job removal - mode '{job.remove_job}'")
                 self._remove(job, guest)
             except Exception as exc:  # noqa: BLE001 - recorded, like a failed run
                 result.error = jobstate.one_line(str(exc) if isinstance(exc, ReplqError) else repr(exc))
-                result.duration = round(time.monotonic() - t0, 3)
+                result.duration = round(time.monotonic() - t0, 6)
                 jobstate.record_job_end(self.store, self.job_id, error=result.error, duration=result.duration)
-                self.log(f"end job removal with error: {result.error}")
+                self.log(f"end replication job with error: {result.error}")
                 return result
             finally:
                 self.close()
-            self.log("end job removal")
+            self.log("job removed")
+            self.log("end replication job")
             self.store.delete_job(self.job_id)
             result.ok = True
-            result.duration = round(time.monotonic() - t0, 3)
+            result.duration = round(time.monotonic() - t0, 6)
             return result
 
     def _remove(self, job: Any, guest: Any) -> None:
@@ -74,7 +82,7 @@ class Removal(JobRun):
         for ds, names in sorted(target.items()):
             assert remote is not None
             if job.remove_job == "full":
-                self.log(f"delete volume '{ds}' on {job.target}")
+                self.log(f"(remote_prepare_local_job) {self.job_id}: delete stale volume '{self.volid(ds)}'")
                 remote.destroy_dataset(ds)
             else:
                 for name in names:
@@ -86,8 +94,8 @@ class Removal(JobRun):
                 if (ds, name) in held:  # another job's only base after a move (SPEC §6)
                     self.log(f"keep '{ds}@{name}' on {self.node}: base of job {held[(ds, name)]}")
                     continue
+                self.log(f"delete stale replication snapshot '{name}' on {self.volid(ds)}")  # pvesr's prepare
                 self.local.destroy_snapshot(ds, name)
-                self.log(f"delete snapshot '{ds}@{name}' on {self.node}")
 
 
 def remove_job(store: Any, job_id: str, node: str, **kw: Any) -> RunResult:

@@ -10,6 +10,11 @@ Everything outside goes through its one door: Redis through the store, zfs throu
 SSH through ssh.py, the stream through transfer.py; every change of the job's state through
 jobstate.py. A job marked for removal is handed to removal.py. Failures become one
 operator-facing line in the job state and the replication log.
+
+The log says what pvesr's says, in its words (pve-guest-common PVE/Replication.pm: `guest =>`,
+`create snapshot`, `using secure transmission, rate limit:`, `incremental sync`, `delete previous
+replication snapshot`, ...), plus replq's own lines where pvesr has none (connecting, estimated
+size, bytes sent, rollback of a failed receive, a snapshot kept as another job's base).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from replq.errors import (
     ZfsError,
 )
 from replq.jobrun import JobRun, RunResult
-from replq.model import Volume
+from replq.model import Volume, format_rate, snapshot_name
 from replq.output import human_bytes
 from replq.removal import Removal
 from replq.throttle import TokenBucket
@@ -127,7 +132,7 @@ class Replication(JobRun):
             else:
                 message = f"internal error: {exc.__class__.__name__}: {exc}"
             result.error = jobstate.one_line(message)
-            result.duration = round(time.monotonic() - t0, 3)
+            result.duration = round(time.monotonic() - t0, 6)
             jobstate.record_job_end(self.store, self.job_id, error=result.error, duration=result.duration,
                                     bytes=result.bytes)
             self.log(f"end replication job with error: {result.error}")
@@ -137,7 +142,7 @@ class Replication(JobRun):
         finally:
             self.close()
         result.ok = True
-        result.duration = round(time.monotonic() - t0, 3)
+        result.duration = round(time.monotonic() - t0, 6)
         jobstate.record_job_end(self.store, self.job_id, error=None, duration=result.duration, bytes=result.bytes,
                                 storeids=storeids)
         if job.source is None:
@@ -159,8 +164,7 @@ class Replication(JobRun):
         volumes, storages = self.volumes(guest)
         if not volumes:
             raise planner.NoReplicatableVolumes()
-        self.log(f"guest => {guest.type} {guest.vmid}, running => {guest.node}")
-        self.log(f"volumes => {','.join(v.volid for v in volumes)}")
+        self.log_guest(guest, volumes)
         # 4. prepare the target
         self.log(f"connecting to target node '{job.target}'")
         remote = self.connect(job)
@@ -169,30 +173,27 @@ class Replication(JobRun):
         # 5. plan (raises before anything is touched)
         p = planner.make_plan(self.job_id, guest.vmid, start, last_sync or None, volumes, source, target)
         result.plan = p.as_dict()
+        # pvesr's target side (prepare-local-job), in its words
         for vp in p.volumes:
-            if vp.mode == "full":
-                self.log(f"{vp.volume.volid}: full sync (volume not on target)")
-            else:
-                assert vp.base is not None
-                note = " (last_sync snapshot missing, newest common snapshot)" if vp.fallback else ""
-                self.log(f"{vp.volume.volid}: incremental sync from {vp.base.name}{note}")
-        for vp in p.volumes:
+            if vp.fallback and last_sync:
+                self.log(f"expected snapshot {snapshot_name(self.job_id, last_sync)} not present for "
+                         f"{vp.volume.volid}, not removing others")
             for name in vp.prune_target:
-                self.log(f"delete stale replication snapshot '{vp.dataset}@{name}' on {job.target}")
+                self.log(f"(remote_prepare_local_job) delete stale replication snapshot '{name}' on {vp.volume.volid}")
                 remote.destroy_snapshot(vp.dataset, name)
         for ds in p.remove_target_volumes:
-            self.log(f"delete volume '{ds}' on {job.target}: no longer replicated")
+            self.log(f"(remote_prepare_local_job) {self.job_id}: delete stale volume '{self.volid(ds)}'")
             remote.destroy_dataset(ds)
         # 6. snapshots, all or nothing
         made: list[str] = []
         try:
             for vp in p.volumes:
+                self.log(f"create snapshot '{p.snapshot}' on {vp.volume.volid}")
                 self.local.snapshot(vp.dataset, p.snapshot)
                 made.append(vp.dataset)
         except BaseException:
             self._remove_new_snapshots(made, p.snapshot)
             raise
-        self.log(f"created snapshot {p.snapshot} on {len(made)} volume(s)")
         # 7. send
         try:
             estimates = [
@@ -201,8 +202,8 @@ class Replication(JobRun):
             ]
             progress.total = None if None in estimates else sum(e for e in estimates if e is not None)
             bucket = TokenBucket.from_mbps(job.rate)
-            if job.rate:
-                self.log(f"rate limit {job.rate:g} MB/s")
+            limit = f"{format_rate(job.rate)} MByte/s" if job.rate else "none"
+            self.log(f"using secure transmission, rate limit: {limit}")  # always SSH: pvesr's 'secure'
             for vp, est in zip(p.volumes, estimates, strict=True):
                 self._send_volume(job, vp, p.snapshot, est, bucket, progress, result)
         except BaseException:
@@ -211,25 +212,27 @@ class Replication(JobRun):
         # 8. last_sync first: from here on the new snapshot is the base, whatever happens next
         jobstate.record_sync_end(self.store, self.job_id, start)
         held = self.held_bases(guest.vmid, {vp.dataset: source[vp.dataset] for vp in p.volumes})
+        # As pvesr: the source's previous snapshots of every volume, then the target's (finalize).
         for vp in p.volumes:
             for name in vp.cleanup_source:
                 if (vp.dataset, name) in held:  # another job's base after a move (SPEC §6)
                     self.log(f"keep '{vp.dataset}@{name}' on {self.node}: base of job {held[(vp.dataset, name)]}")
                     continue
                 self.cleanup(self.local, vp.dataset, name, self.node)
-            for name in vp.cleanup_target:
-                self.cleanup(remote, vp.dataset, name, job.target)
         for ds, names in sorted(p.cleanup_source_other.items()):
             for name in names:
                 self.cleanup(self.local, ds, name, self.node)
+        for vp in p.volumes:
+            for name in vp.cleanup_target:
+                self.cleanup(remote, vp.dataset, name, job.target)
         progress.update(0, force=True)
         return sorted({v.storage for v in volumes})
 
     def _remove_new_snapshots(self, datasets: list[str], snap: str) -> None:
         for ds in datasets:
             try:
+                self.log(f"delete previous replication snapshot '{snap}' on {self.volid(ds)}")  # pvesr's words
                 self.local.destroy_snapshot(ds, snap)
-                self.log(f"deleted new snapshot '{ds}@{snap}'")
             except ReplqError as exc:
                 # Harmless for the next run (it is sent along or cleaned up), but say so.
                 self.log(f"warning: could not delete new snapshot '{ds}@{snap}': {exc}")
@@ -246,8 +249,11 @@ class Replication(JobRun):
     ) -> None:
         assert self.conn is not None and self.remote is not None
         base = vp.base.name if vp.base else None
-        what = f"full send of {vp.dataset}@{snap}" if base is None else f"incremental send {base} => {snap}"
-        self.log(f"{vp.volume.volid}: {what} (estimated size {human_bytes(estimate)})")
+        if base is None:
+            self.log(f"full sync '{vp.volume.volid}' ({snap})")
+        else:
+            self.log(f"incremental sync '{vp.volume.volid}' ({base} => {snap})")
+        self.log(f"{vp.volume.volid}: estimated size {human_bytes(estimate)}")
         progress.volume = vp.volume.volid
         t0 = time.monotonic()
 
@@ -275,6 +281,7 @@ class Replication(JobRun):
             f"{vp.volume.volid}: sent {human_bytes(sent)} ({sent} bytes) in {dt:.3f} s ({rate:.1f} MB/s; "
             f"stream {t_stream:.3f} s, receive committed {dt - t_stream:.3f} s later)"
         )
+        self.log(f"successfully imported '{vp.volume.volid}'")  # pve-storage's line after the receive
 
     def _target_error(self, vp: planner.VolumePlan, stderr: str) -> ZfsError:
         assert self.conn is not None

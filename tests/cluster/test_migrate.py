@@ -76,14 +76,14 @@ def test_migrate_to_replication_target_sends_delta_and_switches(nodes: Nodes) ->
     st2 = nodes.store.get_state("701-0")
     assert 3 * MiB <= st2.bytes < 5 * MiB, st2.bytes
     log = nodes.store.read_log("701-0")
-    assert any(f"incremental sync from {snap('701-0', st.last_sync)}" in line for line in log), log
+    assert any(f"({snap('701-0', st.last_sync)} => " in line and "incremental sync '" in line for line in log), log
     assert nodes.checksum("node1", ds) == nodes.checksum("node2", ds)
     new0 = [snap("701-0", st2.last_sync)]
     assert nodes.job_snapshots("node1", ds, "701-0") == nodes.job_snapshots("node2", ds, "701-0") == new0
     nodes.run("701-1", "node2")
     st3 = nodes.store.get_state("701-1")
     assert 5 * MiB <= st3.bytes < 7 * MiB, st3.bytes  # the 2 + 3 MiB written since s1, not the volume
-    assert any(f"incremental sync from {s1}" in line for line in nodes.store.read_log("701-1"))
+    assert any(f"({s1} => " in line and "incremental sync '" in line for line in nodes.store.read_log("701-1"))
     assert nodes.checksum("node3", ds) == nodes.checksum("node2", ds)
     new1 = [snap("701-1", st3.last_sync)]
     assert nodes.job_snapshots("node2", ds, "701-1") == nodes.job_snapshots("node3", ds, "701-1") == new1
@@ -119,7 +119,7 @@ def test_migrate_without_job_copies_in_full_and_removes_the_source(nodes: Nodes)
     nodes.run("702-0", "node2")
     st = nodes.store.get_state("702-0")
     assert st.bytes < 2 * MiB, st.bytes
-    assert any(f"incremental sync from {base}" in line for line in nodes.store.read_log("702-0"))
+    assert any(f"({base} => " in line and "incremental sync '" in line for line in nodes.store.read_log("702-0"))
     assert nodes.checksum("node2", d0) == nodes.checksum("node3", d0)
     assert nodes.snapshots("node2", d0) == nodes.snapshots("node3", d0) == [snap("702-0", st.last_sync)]
 
@@ -242,7 +242,8 @@ def test_node_failure_guest_move_and_lazy_switch(nodes: Nodes) -> None:
     st = nodes.store.get_state("705-0")
     assert st.fail_count == 0 and 3 * MiB <= st.bytes < 5 * MiB, st.bytes
     log = nodes.store.read_log("705-0")
-    assert any(f"incremental sync from {base} (last_sync snapshot missing" in line for line in log), log
+    assert any(f"({base} => " in line and "incremental sync '" in line for line in log), log
+    assert any("not present for local-zfs:subvol-705-disk-0, not removing others" in line for line in log), log
     assert nodes.checksum("node2", ds) == keep == nodes.checksum("node1", ds)  # nothing of node2's lost
     assert nodes.snapshots("node1", ds) == nodes.snapshots("node2", ds) == [snap("705-0", st.last_sync)]
 
@@ -291,7 +292,7 @@ def test_after_failover_every_job_of_the_guest_keeps_a_common_base(nodes: Nodes)
     nodes.run("708-1", "node2")
     st = nodes.store.get_state("708-1")
     assert 2 * MiB <= st.bytes < 4 * MiB, st.bytes  # incremental from `shared`, not the volume
-    assert any(f"incremental sync from {shared}" in line for line in nodes.store.read_log("708-1"))
+    assert any(f"({shared} => " in line and "incremental sync '" in line for line in nodes.store.read_log("708-1"))
     job1 = nodes.store.get_job("708-1")
     assert (job1.target, job1.source) == ("node3", "node2")
     # A second round from node2: the kept snapshot goes, each job keeps exactly its newest one.

@@ -4,6 +4,7 @@ tests (tests/cluster/test_replicate.py) prove the same on real zfs-fuse and sshd
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -33,8 +34,9 @@ class Engine:
     def run(self, at: int) -> object:
         self.now = at
         self.order.clear()
+        self.echoed: list[str] = []  # the log lines as `run --verbose` prints them (a removal deletes the log)
         return Replication(self.store, "100-0", "node1", local=self.src, connect=lambda node: self.dst,
-                           send=self.transfer, clock=lambda: self.now).run()
+                           send=self.transfer, clock=lambda: self.now, echo=self.echoed.append).run()
 
     def steps(self) -> list[str]:
         """The order as `node verb [object]`, without the listings and feature probes."""
@@ -75,11 +77,11 @@ def test_full_then_incremental_in_order(engine: Engine) -> None:
     assert res.ok, res.error
     s2 = snap(2_000)
     # Snapshots first, then the sends (from the last sync's snapshot), and only then, with
-    # last_sync recorded, the previous snapshots go on both sides.
+    # last_sync recorded, the previous snapshots go: on the source, then on the target (as pvesr).
     assert engine.steps() == [f"node1 snapshot {D0}@{s2}", f"node1 snapshot {D1}@{s2}",
                               f"transfer send {D0}@{s2}", f"transfer send {D1}@{s2}",
-                              f"node1 destroy {D0}@{s1}", f"node2 destroy {D0}@{s1}",
-                              f"node1 destroy {D1}@{s1}", f"node2 destroy {D1}@{s1}"]
+                              f"node1 destroy {D0}@{s1}", f"node1 destroy {D1}@{s1}",
+                              f"node2 destroy {D0}@{s1}", f"node2 destroy {D1}@{s1}"]
     assert all(["-I", f"{ds}@{s1}"] == argv[3:5] for (argv, _), ds in zip(engine.transfer.sends[2:], (D0, D1),
                                                                               strict=True))
     for ds in (D0, D1):
@@ -157,3 +159,88 @@ def test_a_full_target_pool_fails_the_run_in_operator_words(engine: Engine) -> N
     assert not res.ok and "no free space left on the replication target storage on node 'node2'" in res.error
     assert engine.dst.names(D0) == [snap(1_000)]
     assert engine.store.get_state("100-0").fail_count == 1
+
+
+# ---- the replication log, in pvesr's words (pve-guest-common PVE/Replication.pm) ----------------
+
+V0, V1 = "local-zfs:subvol-100-disk-0", "local-zfs:subvol-100-disk-1"
+
+
+def pvesr_lines(engine: Engine) -> list[str]:
+    """The log's messages after pvesr's `strftime("%F %H:%M:%S") $jobid: ` prefix, without replq's
+    own lines (connecting, and per volume the estimated size and bytes sent)."""
+    out = []
+    assert engine.store.read_log("100-0") in ([], engine.echoed)
+    for line in engine.echoed:
+        m = re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d 100-0: (.*)", line)
+        assert m, line
+        if not (m.group(1).startswith(("connecting to target node", f"{V0}: ", f"{V1}: "))):
+            out.append(m.group(1))
+    return out
+
+
+def test_log_of_full_and_incremental_runs_as_pvesr(engine: Engine) -> None:
+    s1, s2 = snap(1_000), snap(2_000)
+    assert engine.run(1_000).ok
+    assert pvesr_lines(engine) == [
+        "start replication job",
+        "guest => CT 100, running => 0",
+        f"volumes => {V0},{V1}",
+        f"create snapshot '{s1}' on {V0}",
+        f"create snapshot '{s1}' on {V1}",
+        "using secure transmission, rate limit: none",
+        f"full sync '{V0}' ({s1})",
+        f"successfully imported '{V0}'",
+        f"full sync '{V1}' ({s1})",
+        f"successfully imported '{V1}'",
+        "end replication job",
+    ]
+    engine.store.update_job("100-0", {"rate": 10})
+    assert engine.run(2_000).ok
+    assert pvesr_lines(engine) == [
+        "start replication job",
+        "guest => CT 100, running => 0",
+        f"volumes => {V0},{V1}",
+        f"create snapshot '{s2}' on {V0}",
+        f"create snapshot '{s2}' on {V1}",
+        "using secure transmission, rate limit: 10 MByte/s",
+        f"incremental sync '{V0}' ({s1} => {s2})",
+        f"successfully imported '{V0}'",
+        f"incremental sync '{V1}' ({s1} => {s2})",
+        f"successfully imported '{V1}'",
+        f"delete previous replication snapshot '{s1}' on {V0}",
+        f"delete previous replication snapshot '{s1}' on {V1}",
+        f"(remote_finalize_local_job) delete stale replication snapshot '{s1}' on {V0}",
+        f"(remote_finalize_local_job) delete stale replication snapshot '{s1}' on {V1}",
+        "end replication job",
+    ]
+    log = engine.store.read_log("100-0")
+    assert any(line.endswith("connecting to target node 'node2'") for line in log)
+    assert any(f"{V0}: estimated size " in line for line in log) and any(f"{V0}: sent " in line for line in log)
+
+
+def test_log_of_a_failed_run_and_a_removal_as_pvesr(engine: Engine) -> None:
+    engine.run(1_000)
+    engine.src.fail[f"zfs snapshot -- {D1}@"] = "cannot create snapshot: out of space"
+    res = engine.run(2_000)
+    assert pvesr_lines(engine)[3:] == [
+        f"create snapshot '{snap(2_000)}' on {V0}",
+        f"create snapshot '{snap(2_000)}' on {V1}",
+        f"delete previous replication snapshot '{snap(2_000)}' on {V0}",  # pvesr's words for the undo too
+        f"end replication job with error: {res.error}",
+    ]
+    engine.src.fail.clear()
+    engine.store.mark_remove("100-0", "full")
+    assert engine.run(3_000).ok
+    assert pvesr_lines(engine) == [
+        "start replication job",
+        "guest => CT 100, running => 0",
+        f"volumes => {V0},{V1}",
+        "start job removal - mode 'full'",
+        f"(remote_prepare_local_job) 100-0: delete stale volume '{V0}'",
+        f"(remote_prepare_local_job) 100-0: delete stale volume '{V1}'",
+        f"delete stale replication snapshot '{snap(1_000)}' on {V0}",
+        f"delete stale replication snapshot '{snap(1_000)}' on {V1}",
+        "job removed",
+        "end replication job",
+    ]
