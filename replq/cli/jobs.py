@@ -41,12 +41,14 @@ from replq.views import check_digest
 @click.option("--comment", help="Free text.")
 @click.option("--disable", is_flag=True, help="Create the job disabled.")
 @click.option("--source", help="The node the guest lives on (normally recorded by the job's runs).")
+@click.option("--remove_job", "remove_job", metavar="local|full", help="Create it marked for removal.")
 @pass_env
 def create_local_job(env: Env, job_id: str, target: str, schedule: str | None, rate: str | None,
-                     comment: str | None, disable: bool, source: str | None) -> None:
+                     comment: str | None, disable: bool, source: str | None, remove_job: str | None) -> None:
     """Create a replication job ID (VMID-N) of the guest to TARGET."""
     fields: dict[str, Any] = {"disable": disable}
-    for key, value in (("schedule", schedule), ("rate", rate), ("comment", comment), ("source", source)):
+    for key, value in (("schedule", schedule), ("rate", rate), ("comment", comment), ("source", source),
+                       ("remove_job", remove_job)):
         if value is not None:
             fields[key] = value
     env.store().create_job(Job(id=job_id, target=target, **fields))

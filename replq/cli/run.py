@@ -42,7 +42,7 @@ def _plan_text(plan: dict[str, Any]) -> str:
 @click.option("--local", is_flag=True, help="Run the job in this process (on the guest's node).")
 @click.option("--no-wait", is_flag=True, help="Only enqueue the job.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (full/incremental, base, size); change nothing.")
-@click.option("--verbose", is_flag=True, help="Print the replication log while running.")
+@click.option("--verbose", is_flag=True, help="Print the replication log's messages while running (with --local).")
 @click.option("--mail", is_flag=True, help="Call the failure notification hook for a job that fails (not with --id).")
 @output_option
 @pass_env
@@ -75,7 +75,8 @@ def run_cmd(env: Env, job_id: str | None, local: bool, no_wait: bool, dry_run: b
     assert job_id is not None
     from replq.replicate import run_job
 
-    echo = (lambda line: click.echo(line, err=output_format != "text")) if verbose else None
+    # pvesr run --verbose prints the log's messages without their time and job prefix.
+    echo = (lambda line: click.echo(line.split(": ", 1)[-1], err=output_format != "text")) if verbose else None
     result = run_job(store, job_id, env.node, echo=echo)
     data = {
         "id": result.job_id,
