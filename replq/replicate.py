@@ -178,6 +178,10 @@ class Replication(JobRun):
             if vp.fallback and last_sync:
                 self.log(f"expected snapshot {snapshot_name(self.job_id, last_sync)} not present for "
                          f"{vp.volume.volid}, not removing others")
+            elif vp.fallback:  # no last sync recorded (state lost): replq says where it goes on from
+                assert vp.base is not None
+                self.log(f"{vp.volume.volid}: no last sync recorded: incremental from the newest common "
+                         f"replication snapshot {vp.base.name}")
             for name in vp.prune_target:
                 self.log(f"(remote_prepare_local_job) delete stale replication snapshot '{name}' on {vp.volume.volid}")
                 remote.destroy_snapshot(vp.dataset, name)

@@ -243,7 +243,8 @@ def test_node_failure_guest_move_and_lazy_switch(nodes: Nodes) -> None:
     assert st.fail_count == 0 and 3 * MiB <= st.bytes < 5 * MiB, st.bytes
     log = nodes.store.read_log("705-0")
     assert any(f"({base} => " in line and "incremental sync '" in line for line in log), log
-    assert any("not present for local-zfs:subvol-705-disk-0, not removing others" in line for line in log), log
+    assert any(f"subvol-705-disk-0: no last sync recorded: incremental from the newest common replication "
+               f"snapshot {base}" in line for line in log), log
     assert nodes.checksum("node2", ds) == keep == nodes.checksum("node1", ds)  # nothing of node2's lost
     assert nodes.snapshots("node1", ds) == nodes.snapshots("node2", ds) == [snap("705-0", st.last_sync)]
 

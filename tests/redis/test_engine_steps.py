@@ -244,3 +244,17 @@ def test_log_of_a_failed_run_and_a_removal_as_pvesr(engine: Engine) -> None:
         "job removed",
         "end replication job",
     ]
+
+
+def test_log_of_a_fallback_base(engine: Engine) -> None:
+    engine.run(1_000)
+    engine.store.update_state("100-0", last_sync=900)  # a last sync whose snapshot is nowhere
+    assert engine.run(2_000).ok
+    lines = pvesr_lines(engine)
+    for vol in (V0, V1):
+        assert f"expected snapshot {snap(900)} not present for {vol}, not removing others" in lines
+        assert f"incremental sync '{vol}' ({snap(1_000)} => {snap(2_000)})" in lines
+    engine.store.replace_states({"100-0": {}})  # no last sync at all: replq's own line says it
+    assert engine.run(3_000).ok
+    assert any(line.endswith(f"{V0}: no last sync recorded: incremental from the newest common replication "
+                             f"snapshot {snap(2_000)}") for line in engine.echoed)

@@ -1,5 +1,6 @@
-"""pvesr's prepare-local-job and finalize-local-job on a real target node (real zfs-fuse), run
-inside the node as pvesr runs them over SSH: what they delete, keep and print. Guests are 160x.
+"""pvesr's commands on real nodes (real zfs-fuse), run inside a node as pvesr runs them:
+prepare-local-job and finalize-local-job on a target (what they delete, keep and print), and
+`run --id --verbose`, whose output is pvesr's log messages. Guests are 160x.
 """
 
 from __future__ import annotations
@@ -98,3 +99,26 @@ def test_refusals(nodes: Nodes) -> None:
     assert "no volumes specified" in nodes.refused("node2", "finalize-local-job", "1603-0")
     assert "has wrong owner" in nodes.refused("node2", "finalize-local-job", "1603-0", "local-zfs:subvol-1604-disk-0")
     assert "does not exist" in nodes.refused("node2", "finalize-local-job", "1603-0", "nosuch:subvol-1603-disk-0")
+
+
+def test_run_verbose_prints_pvesr_log_messages(nodes: Nodes) -> None:
+    (ds,) = nodes.guest(1604, "node1", ndisks=1, mb=1)
+    nodes.job("1604-0", "node2", rate=50)
+    r = nodes.ok("node1", "run", "--id", "1604-0", "--local", "--verbose")
+    new = snap("1604-0", nodes.state("1604-0").last_sync)
+    vol = "local-zfs:subvol-1604-disk-0"
+    pvesr = [line for line in r.stdout.splitlines() if not line.startswith(("connecting to", f"{vol}: "))]
+    assert pvesr == [
+        "start replication job",
+        "guest => CT 1604, running => 0",
+        f"volumes => {vol}",
+        f"create snapshot '{new}' on {vol}",
+        "using secure transmission, rate limit: 50 MByte/s",
+        f"full sync '{vol}' ({new})",
+        f"successfully imported '{vol}'",
+        "end replication job",
+    ]
+    # The log has the same lines behind pvesr's `%F %H:%M:%S JOB: ` prefix.
+    log = nodes.store.read_log("1604-0")
+    assert [line.split(" 1604-0: ", 1)[1] for line in log] == r.stdout.splitlines()
+    assert nodes.snapshots("node2", ds) == [new]
