@@ -116,6 +116,9 @@ def run_group(root: click.Group, argv: list[str] | None) -> None:
         fail("interrupted", 130)
     except BrokenPipeError:
         sys.exit(1)
+    except click.exceptions.NoArgsIsHelpError as exc:  # `replq`, `replq node`: the usage (as pvesr prints it)
+        click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+        sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - every error becomes one line; REPLQ_DEBUG shows the trace
         if os.environ.get("REPLQ_DEBUG") and not isinstance(exc, ReplqError | click.ClickException):
             raise

@@ -41,3 +41,10 @@ def test_help_command_as_pvesr() -> None:
 def test_run_mail_excludes_id() -> None:
     r = run("run", "--mail", "--id", "100-0")
     assert r.returncode == 2 and "Mail and id are mutually exclusive!" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_no_command_prints_the_usage() -> None:
+    for args in ([], ["node"]):
+        r = run(*args)
+        assert r.returncode == 2 and r.stderr.startswith(f"Usage: replq {' '.join(args)}".rstrip() + " [OPTIONS]")
+        assert "Commands:" in r.stderr and "Traceback" not in r.stderr
