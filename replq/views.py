@@ -1,7 +1,7 @@
 """What the command line and the web API both show and both read about jobs, so that `replq
 read`, `update` and `calendar` mean the same as /api/ does (the list rows are in rows.py).
 
-    read_record    one job as `read` prints it, with the digest for `update --digest`
+    read_record    one job as the web API shows it, with the digest for an update
     check_digest   a digest argument (40 hex digits) before the store compares it
     property_list  the `--delete` list of properties to unset
     calendar_preview  the normalised form and next events of a schedule (`replq calendar`)
@@ -20,8 +20,10 @@ from replq.store import job_digest
 
 
 def read_record(job: Job) -> dict[str, Any]:
+    """One job as the web API shows and edits it: every property with its value in force (the
+    schedule too when unset: */15), `disable` always, and the digest for an update."""
     data = {"id": job.id, "type": "local", "guest": job.guest, "jobnum": job.jobnum, **job.config(),
-            "digest": job_digest(job)}
+            "schedule": job.effective_schedule, "digest": job_digest(job)}
     data.pop("disable", None)
     data["disable"] = job.disable
     if job.rate is not None:
