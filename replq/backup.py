@@ -222,7 +222,7 @@ def _job(e: dict[str, Any], tz: str) -> Job:
     # Built unchecked, then validated once with the cluster's time zone (Job() would check twice).
     job = trusted(Job, id=e["id"], target=e["target"], schedule=e["schedule"], rate=e["rate"], comment=e["comment"],
                   disable=not e["enabled"], remove_job=e["remove_job"], source=e["source"])
-    job.validate(tz)
+    job.validate(tz, schedule_limits=False)  # what the store held: a Proxmox import may be outside the limits
     if (e["guest"], e["jobnum"]) != parse_job_id(job.id):
         raise ValidationError(f"guest and jobnum ({show(e['guest'])}, {show(e['jobnum'])}) do not match the id")
     return job

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from replq.model import Job, JobState
+from replq.output import progress_line
 
 STATES = ("ok", "error", "syncing")
 
@@ -119,6 +120,15 @@ def state_text(state: JobState) -> str:
     if name == "error":
         return one_line(state.error) if state.error else f"error (fail count {state.fail_count})"
     return "OK"
+
+
+def state_cell(state: JobState) -> str:
+    """The State with replq's progress: while a job runs, SYNCING with its bytes, rate and ETA
+    (`status --progress`, the web GUI's table)."""
+    text = state_text(state)
+    if text == "SYNCING" and state.progress:
+        return f"SYNCING {progress_line(state.progress)}"
+    return text
 
 
 def status_row(job: Job, state: JobState, next_sync: float | None) -> dict[str, Any]:

@@ -22,9 +22,8 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from replq.jobstate import state_text
+from replq.jobstate import state_cell, state_text
 from replq.model import Job, JobState, format_rate, perl_number
-from replq.output import progress_line
 
 LIST_FORMAT = "%-20s %-20s %10s %5s %8s"
 STATUS_FORMAT = "%-10s %-10s %-20s %20s %20s %10s %10s %s"
@@ -59,10 +58,7 @@ def next_sync_text(next_sync: float | None, now: float, tz: ZoneInfo) -> str:
 
 def state_column(state: JobState, progress: bool = False) -> str:
     """OK, the error, or SYNCING; with `progress` (replq's option) SYNCING and its bytes, rate, ETA."""
-    text = state_text(state)
-    if progress and text == "SYNCING" and state.progress:
-        return f"SYNCING {progress_line(state.progress)}"
-    return text
+    return state_cell(state) if progress else state_text(state)
 
 
 def status_line(job: Job, state: JobState, next_sync: float | None, now: float, tz: ZoneInfo,

@@ -114,6 +114,21 @@ def test_restore_from_stdin_without_state(redis_url: str) -> None:
     assert sorted(store.due_jobs()) == ["100-0", "101-0", "102-0", "102-1"]  # never ran: due now
 
 
+def test_a_job_imported_from_proxmox_outside_the_job_limits_is_restored(redis_url: str, tmp_path: Path) -> None:
+    """config import accepts a pvesr schedule replq would refuse for a new job: its backup restores."""
+    store = Store.from_url(redis_url)
+    build(store)
+    cfg = tmp_path / "replication.cfg"
+    cfg.write_text("local: 103-0\n\ttarget pve1\n\tschedule sat *-1..7 15:00\n")
+    r = run("config", "import", str(cfg))
+    assert r.returncode == 0 and "warning" in r.stderr, r.stderr
+    text = ok("config", "backup")
+    store.redis.flushdb()
+    r = run("config", "restore", "-", stdin=text)
+    assert r.returncode == 0, r.stderr
+    assert store.get_job("103-0").schedule == "sat *-1..7 15:00"
+
+
 def test_restore_refuses_a_store_that_holds_a_cluster(redis_url: str, tmp_path: Path) -> None:
     store = Store.from_url(redis_url)
     build(store)
