@@ -3,12 +3,13 @@ read`, `update` and `calendar` mean the same as /api/ does (the list rows are in
 
     read_record    one job as the web API shows it, with the digest for an update
     check_digest   a digest argument (40 hex digits) before the store compares it
-    property_list  the `--delete` list of properties to unset
+    split_list     a list option's items, as PVE::Tools::split_list reads them (`--delete a,b`)
     calendar_preview  the normalised form and next events of a schedule (`replq calendar`)
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import datetime, tzinfo
 from typing import Any
@@ -37,11 +38,14 @@ def check_digest(digest: str, what: str) -> str:
     return digest
 
 
-def property_list(text: str, what: str) -> list[str]:
-    props = [p.strip() for p in text.split(",")]
-    if any(not p for p in props):
-        raise ValidationError(f"{what}: invalid property list '{show(text)}'")
-    return props
+def split_list(text: str | None) -> list[str]:
+    """PVE::Tools::split_list: a list option's items, separated by ',', ';' or blanks (or NUL)."""
+    if not text:
+        return []
+    if "\x00" in text:
+        return [item for item in text.split("\x00") if item]
+    return re.sub(r"[,;]", " ", text).split()
+
 
 
 def calendar_preview(expression: str, zone_name: str, after: Callable[[tzinfo], datetime], iterations: int

@@ -16,10 +16,11 @@ import click
 import redis
 
 from replq import context, redact
-from replq.cli.grammar import Group, ListOption, group, split_list
+from replq.cli.grammar import Group, ListOption, group
 from replq.errors import ReplqError
 from replq.output import FORMATS, render_data
 from replq.store import Store
+from replq.views import split_list
 
 
 class Env:

@@ -41,15 +41,6 @@ def parse_boolean(word: str) -> bool | None:
     return BOOL_WORDS.get(word.lower())
 
 
-def split_list(text: str | None) -> list[str]:
-    """PVE::Tools::split_list: a list option's items, separated by ',', ';' or blanks (or NUL)."""
-    if not text:
-        return []
-    if "\x00" in text:
-        return [item for item in text.split("\x00") if item]
-    return re.sub(r"[,;]", " ", text).split()
-
-
 class ListOption(click.Option):
     """An option whose value is a comma-separated list (PVE's `*-list` formats): given more than
     once, the values are joined with ',' (`--delete a --delete b` = `--delete a,b`)."""

@@ -25,7 +25,7 @@ from replq.jobstate import state_cell, status_row
 from replq.model import Job, check_node_name, check_vmid, parse_bool, parse_job_id, show
 from replq.rows import node_row
 from replq.store import Store
-from replq.views import calendar_preview, check_digest, property_list, read_record
+from replq.views import calendar_preview, check_digest, read_record, split_list
 
 CREATE_FIELDS = ("id", "guest", "target", "schedule", "rate", "comment", "enabled")
 UPDATE_FIELDS = ("schedule", "rate", "comment", "enabled", "source", "delete", "digest")
@@ -109,12 +109,10 @@ def update_job(store: Store, job_id: str, body: dict[str, Any]) -> dict[str, Any
     delete = body.get("delete")
     if isinstance(delete, list) and all(isinstance(p, str) for p in delete):
         delete = ",".join(delete)
-    props = property_list(delete, "delete") if _given(delete) else []
+    props = split_list(delete) if isinstance(delete, str) else []  # as the CLI reads --delete
     digest = body.get("digest")
     if digest is not None:
         check_digest(str(digest), "digest")
-    if not changes and not props:
-        raise ValidationError("nothing to change (give schedule, rate, comment, enabled, source or delete)")
     return read_record(store.update_job(job_id, changes, props, digest))
 
 

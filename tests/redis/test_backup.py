@@ -118,15 +118,16 @@ def test_a_job_imported_from_proxmox_outside_the_job_limits_is_restored(redis_ur
     """config import accepts a pvesr schedule replq would refuse for a new job: its backup restores."""
     store = Store.from_url(redis_url)
     build(store)
+    store.add_guest(Guest(104, "pve1", "lxc", [Disk("local-zfs:subvol-104-disk-0")]))
     cfg = tmp_path / "replication.cfg"
-    cfg.write_text("local: 103-0\n\ttarget pve1\n\tschedule sat *-1..7 15:00\n")
+    cfg.write_text("local: 104-0\n\ttarget pve2\n\tschedule sat *-1..7 15:00\n")
     r = run("config", "import", str(cfg))
     assert r.returncode == 0 and "warning" in r.stderr, r.stderr
     text = ok("config", "backup")
     store.redis.flushdb()
     r = run("config", "restore", "-", stdin=text)
     assert r.returncode == 0, r.stderr
-    assert store.get_job("103-0").schedule == "sat *-1..7 15:00"
+    assert store.get_job("104-0").schedule == "sat *-1..7 15:00"
 
 
 def test_restore_refuses_a_store_that_holds_a_cluster(redis_url: str, tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ import click
 import pytest
 
 from replq.cli import cli, config, jobs, run, sandbox
-from replq.cli.grammar import Group, canonical_args, split_list
+from replq.cli.grammar import Group, canonical_args
+from replq.views import split_list
 
 HELP = ["-h", "--help"]
 
