@@ -19,6 +19,16 @@ from typing import Any, TypeVar
 from replq.calendar import parse as parse_calendar
 from replq.calendar import validate_job_schedule
 from replq.errors import ValidationError
+from replq.zfsnames import (  # noqa: F401 - re-exported: the names of the ZFS side are the model's vocabulary too
+    JOB_ID_RE,
+    SNAPSHOT_PREFIX,
+    Snapshot,
+    Volume,
+    is_job_snapshot,
+    parse_snapshot_name,
+    snapshot_name,
+    volname_vmid,
+)
 
 NODE_NAME_RE = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")
 # Proxmox's configid: storage ids such as local-zfs, tank_1, nfs.backup.
@@ -32,7 +42,6 @@ LOCAL_PATH_RE = re.compile(r"/[a-zA-Z0-9_.+/-]*")
 USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 HOSTNAME_RE = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*")
 IPV6_RE = re.compile(r"[0-9a-fA-F:.]+")
-JOB_ID_RE = re.compile(r"[1-9][0-9]{2,8}-(0|[1-9][0-9]{0,8})")
 HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
 STORAGE_TYPES = ("zfspool", "dir", "nfs", "cifs", "rbd", "cephfs", "lvm", "lvmthin", "iscsi", "glusterfs", "zfs", "pbs")
 GUEST_TYPES = ("lxc", "qemu")
@@ -537,64 +546,3 @@ def check_state_fields(values: dict[str, Any], *, allow_runtime: bool = True) ->
         else:
             raise ValidationError(f"unknown job state field '{show(key)}'")
     return out
-
-
-# ---------------------------------------------------------------------------------- ZFS side
-
-SNAPSHOT_PREFIX = "__replicate_"
-_SNAPSHOT_RE = re.compile(rf"^__replicate_(?P<job>{JOB_ID_RE.pattern})_(?P<epoch>0|[1-9][0-9]*)__$")
-# Proxmox volume names: the vmid in the name tells which guest a dataset belongs to.
-_VOLNAME_VMID_RE = re.compile(r"^(?:vm|subvol|base|basevol)-(?P<vmid>[1-9][0-9]*)-[A-Za-z0-9._:+-]+$")
-
-
-def snapshot_name(job_id: str, epoch: int) -> str:
-    """`__replicate_<job>_<epoch>__`, the only name replq gives its snapshots."""
-    if not JOB_ID_RE.fullmatch(job_id):
-        raise ValueError(f"invalid job id {job_id!r}")
-    return f"{SNAPSHOT_PREFIX}{job_id}_{int(epoch)}__"
-
-
-def parse_snapshot_name(name: str) -> tuple[str, int] | None:
-    """(job id, epoch) of a replication snapshot name (the part after '@'), else None."""
-    m = _SNAPSHOT_RE.match(name)
-    if not m:
-        return None
-    return m.group("job"), int(m.group("epoch"))
-
-
-def is_job_snapshot(name: str, job_id: str) -> bool:
-    parsed = parse_snapshot_name(name)
-    return parsed is not None and parsed[0] == job_id
-
-
-def volname_vmid(volname: str) -> int | None:
-    """The guest a Proxmox volume name belongs to (`subvol-100-disk-0` → 100)."""
-    m = _VOLNAME_VMID_RE.match(volname)
-    return int(m.group("vmid")) if m else None
-
-
-@dataclass(frozen=True, order=True)
-class Snapshot:
-    """One snapshot of a dataset, as zfs reports it: `name` is the part after '@'."""
-
-    name: str
-    guid: int
-    creation: int
-
-    @property
-    def replication(self) -> tuple[str, int] | None:
-        return parse_snapshot_name(self.name)
-
-
-@dataclass(frozen=True)
-class Volume:
-    """A replicatable volume of the guest: `local-zfs:subvol-100-disk-0` → `rpool/data/subvol-100-disk-0`."""
-
-    volid: str
-    storage: str
-    pool: str
-    volname: str
-
-    @property
-    def dataset(self) -> str:
-        return f"{self.pool}/{self.volname}"
