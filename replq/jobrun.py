@@ -19,9 +19,9 @@ from replq import jobstate, ssh, transfer, zfs
 from replq import plan as planner
 from replq.context import ssh_key_path
 from replq.direction import lazy_switch
-from replq.errors import GuestLocked, JobRefused, ReplqError
+from replq.errors import GuestLocked, JobRefused, ReplqError, ValidationError
 from replq.locks import Heartbeat
-from replq.model import Snapshot, Volume
+from replq.model import Snapshot, Volume, check_volume_owner
 from replq.settings import tunable
 
 
@@ -113,6 +113,11 @@ class JobRun:
             raise JobRefused("Source and target must not be identical")
 
     def volumes(self, guest: Any) -> tuple[list[Volume], dict[str, Any]]:
+        for disk in guest.disks:  # a guest registered before this rule was enforced at `guest add`
+            try:
+                check_volume_owner(guest.vmid, disk)
+            except ValidationError as exc:
+                raise JobRefused(f"{exc}: correct the disks of guest {guest.vmid} (replq guest set-disks)") from None
         storages = {s.id: s for s in self.store.list_storages()}
         self.pool_storages = {s.pool: s.id for s in storages.values() if s.type == "zfspool" and s.pool}
         volumes, _skipped = planner.replicatable_volumes(

@@ -36,9 +36,10 @@ from replq.errors import (
     MigrationRefused,
     NodeUnreachable,
     ReplqError,
+    ValidationError,
 )
 from replq.locks import Heartbeat
-from replq.model import check_node_name, check_vmid
+from replq.model import check_node_name, check_vmid, check_volume_owner
 from replq.replicate import Replication
 from replq.settings import tunable
 
@@ -102,6 +103,10 @@ def _local_volumes(guest: Any, storages: dict[str, Any], target: str, what: str 
     """Every volume of the guest on local ZFS (replicate=0 included: it must move too)."""
     out = []
     for d in guest.disks:
+        try:
+            check_volume_owner(guest.vmid, d)
+        except ValidationError as exc:
+            raise MigrationRefused(f"cannot {what} guest {guest.vmid}: {exc}") from None
         if d.is_path:
             raise MigrationRefused(f"cannot {what} guest {guest.vmid}: local file/device '{d.volid}' cannot be copied")
         st = storages.get(d.storage or "")

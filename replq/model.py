@@ -400,10 +400,19 @@ class Guest:
             if d.volid in seen:
                 raise ValidationError(f"disk '{show(d.volid)}' is listed twice")
             seen.add(d.volid)
+            check_volume_owner(self.vmid, d)
 
     def to_dict(self) -> dict[str, Any]:
         return {"vmid": self.vmid, "node": self.node, "type": self.type,
                 "disks": [d.to_dict() for d in self.disks], "purge": self.purge}
+
+
+def check_volume_owner(vmid: int, disk: Disk) -> None:
+    """A volume belongs to the guest its name says (`subvol-200-disk-0` is guest 200's, SPEC §10):
+    another guest claiming it would replicate over it, or take its snapshots as a base."""
+    owner = None if disk.is_path else volname_vmid(disk.volname)
+    if owner is not None and owner != vmid:
+        raise ValidationError(f"volume '{show(disk.volid)}' belongs to guest {owner}, not {vmid}")
 
 
 def replicatable_volumes(guest: Guest, storages: dict[str, Storage]) -> list[Disk]:

@@ -24,6 +24,7 @@ from replq.model import (  # noqa: F401 - the snapshot names are the plan's voca
     Snapshot,
     Volume,
     is_job_snapshot,
+    job_id_sort_key,
     parse_snapshot_name,
     snapshot_name,
     volname_vmid,
@@ -138,7 +139,9 @@ def choose_base(
     """The base for an incremental send and whether it is a fallback (not last_sync's snapshot).
 
     1. `__replicate_<job>_<last_sync>__` on both sides with the same guid;
-    2. else the newest replication snapshot (any job) present on both sides by name and guid;
+    2. else the newest replication snapshot of a job of the same guest (after a move, another
+       job's snapshot is the base; never another guest's, SPEC §10) present on both sides by
+       name and guid;
     3. else None.
     """
     target_by_name = {s.name: s for s in target}
@@ -148,10 +151,12 @@ def choose_base(
         dst = target_by_name.get(wanted)
         if src is not None and dst is not None and src.guid == dst.guid:
             return src, False
+    vmid = job_id_sort_key(job_id)[0]
     common = [
         s
         for s in source
-        if s.replication is not None and s.name in target_by_name and target_by_name[s.name].guid == s.guid
+        if s.replication is not None and job_id_sort_key(s.replication[0])[0] == vmid
+        and s.name in target_by_name and target_by_name[s.name].guid == s.guid
     ]
     base = _newest(common)
     return base, base is not None

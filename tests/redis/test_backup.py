@@ -198,7 +198,9 @@ BAD_DOCS = [
     (_set("storages.2.enabled", "no"), "backup: storages[2] 'tank': enabled: expected true or false"),
     (_set("guests.0.node", "pve9"), "backup: guests[0] '100': no such node 'pve9'"),
     (_set("guests.0.vmid", "100"), "backup: guests[0] '100': vmid: expected a number"),
-    (_set("guests.1.vmid", 100), "backup: guests[1] '100': listed twice"),
+    (lambda doc: doc["guests"].__setitem__(1, dict(doc["guests"][0])), "backup: guests[1] '100': listed twice"),
+    (_set("guests.1.vmid", 100), "backup: guests[1] '100': volume 'local-zfs:vm-101-disk-0' belongs to guest 101, "
+                                 "not 100"),
     (_set("guests.0.disks.0.volid", "local-zfs:../../etc"), "backup: guests[0] '100': invalid volume name"),
     (_set("guests.0.disks.0.replicate", 0), "backup: guests[0] '100': disk replicate: expected true or false"),
     (_set("jobs.0.target", "pve9"), "backup: jobs[0] '100-0': no such node 'pve9' (target)"),

@@ -60,3 +60,26 @@ def test_work_stops_when_its_lock_cannot_be_renewed(lone_redis: RedisProcess) ->
         assert lost.wait(ttl), f"lock not renewable for {ttl} s (its TTL), but its holder was not told to stop"
     finally:
         beat.stop(release=False)
+
+
+def test_a_run_refuses_a_guest_registered_with_another_guests_volume(redis_url: str) -> None:
+    """A guest stored before `guest add` checked volume names: its run refuses before touching anything."""
+    from replq.model import Job, trusted
+    from replq.replicate import Replication
+    from tests.support.fakezfs import FakeTransfer, FakeZfs
+
+    store = Store.from_url(redis_url)
+    for i in (1, 2):
+        store.add_node(Node(name=f"node{i}", address=f"127.0.0.{i}:1",
+                            host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA=="))
+    store.add_storage(Storage(id="local-zfs", pool="rpool/data"))
+    store.add_guest(trusted(Guest, vmid=100, node="node1", type="lxc", purge=False,
+                            disks=[Disk("local-zfs:subvol-200-disk-0")]))
+    store.create_job(Job(id="100-0", target="node2"))
+    src = FakeZfs("node1", {"rpool/data": [], "rpool/data/subvol-200-disk-0": []})
+    dst = FakeZfs("node2", {"rpool/data": []})
+    res = Replication(store, "100-0", "node1", local=src, connect=lambda node: dst,
+                      send=FakeTransfer(src, dst)).run()
+    assert not res.ok and "belongs to guest 200, not 100" in (res.error or ""), res.error
+    assert src.calls == [] or all(c[1] in ("get", "list") for c in src.calls)
+    assert dst.calls == []
