@@ -20,6 +20,7 @@
         ├── RemoteExited            the remote command stopped reading mid-stream
         ├── GuestLocked             another job of the guest holds the guest lock
         ├── SendFailed              the local `zfs send` failed or was killed
+        ├── Stalled                 a transfer made no progress for `stall_timeout` seconds
         ├── Cancelled               the run was cancelled (revoked, worker stopping, lock lost)
         ├── MigrationFailed         a migration step failed; the guest stays where it was
         └── ZfsError                a zfs command failed (zfs.py maps its stderr)
@@ -141,6 +142,10 @@ class GuestLocked(ServiceError):
 
 class SendFailed(ServiceError):
     """The local `zfs send` failed or was killed."""
+
+
+class Stalled(ServiceError):
+    """A transfer made no progress for the cluster's `stall_timeout` (a hung zfs send or recv)."""
 
 
 class Cancelled(ServiceError):

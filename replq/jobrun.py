@@ -24,6 +24,22 @@ from replq.locks import Heartbeat
 from replq.model import Snapshot, Volume, check_volume_owner
 from replq.settings import tunable
 
+CLEANUP_STEP = 10.0  # seconds one cleanup command on a node may take after a failure
+CLEANUP_BUDGET = 25.0  # seconds all cleanup after a failure may take: a hung node must not hang the run's end
+
+
+class Deadline:
+    """The time left for cleaning up after a failure, shared by its steps (SPEC §5: a stalled run
+    ends within stall_timeout + 30 s, whatever the target does)."""
+
+    def __init__(self, seconds: float = CLEANUP_BUDGET) -> None:
+        self.end = time.monotonic() + seconds
+
+    def step(self, limit: float = CLEANUP_STEP) -> float | None:
+        """The timeout of the next step, or None when no time is left (skip it; say so)."""
+        left = self.end - time.monotonic()
+        return min(limit, left) if left >= 1.0 else None
+
 
 @dataclass
 class RunResult:
@@ -76,6 +92,8 @@ class JobRun:
         self.conn: ssh.Connection | None = None
         self.remote: zfs.Zfs | None = None
         self.pool_storages: dict[str, str] = {}  # pool → storage id, to name volumes as pvesr's log does
+        self._stall_timeout: float | None = None
+        self.undo: Deadline | None = None  # set at the first failure: the time left for cleaning up
 
     def sibling(self, cls: type[JobRun]) -> Any:
         """The same job on the same terms as another kind of run (a run that turns out to be a removal)."""
@@ -139,9 +157,17 @@ class JobRun:
         self.log(f"guest => {'VM' if guest.type == 'qemu' else 'CT'} {guest.vmid}, running => 0")
         self.log(f"volumes => {','.join(sorted(v.volid for v in volumes))}")
 
+    @property
+    def stall_timeout(self) -> float:
+        """The cluster's stall_timeout: the longest a transfer or a zfs command may make no progress."""
+        if self._stall_timeout is None:
+            self._stall_timeout = float(self.store.get_settings()["stall_timeout"])
+            self.local.timeout = self._stall_timeout
+        return self._stall_timeout
+
     def connect(self, job: Any) -> zfs.Zfs:
         self.conn = self._connect_node(self.store.get_node(job.target))
-        self.remote = zfs.Zfs(self.conn, side="target")
+        self.remote = zfs.Zfs(self.conn, side="target", timeout=self.stall_timeout)
         return self.remote
 
     def held_bases(self, vmid: int, listing: Mapping[str, Sequence[Snapshot]]) -> dict[tuple[str, str], str]:

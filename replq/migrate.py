@@ -119,11 +119,11 @@ def _local_volumes(guest: Any, storages: dict[str, Any], target: str, what: str 
     return out
 
 
-def _send_full(conn: ssh.Connection, node: str, dataset: str, snap: str) -> int:
+def _send_full(conn: ssh.Connection, node: str, dataset: str, snap: str, stall_timeout: float) -> int:
     """`zfs send -Rp dataset@snap` here into `zfs recv dataset` on the connected node (no -F:
     it never overwrites), through the engine's send pipeline."""
     sent, _ = transfer.send_stream(conn, zfs.send_argv(dataset, snap), zfs.recv_argv(dataset, incremental=False),
-                          source=node, dataset=dataset)
+                                   source=node, dataset=dataset, stall_timeout=stall_timeout)
     return sent
 
 
@@ -181,8 +181,9 @@ def migrate(store: Any, vmid: int | str, target: str, node: str, *, echo: Callab
             conn = connect(store, target, key_path)
         except (NodeUnreachable, ConnectionLost, HostKeyMismatch) as exc:
             raise MigrationRefused(f"cannot migrate guest {vmid}: target {exc}") from None
-        remote = zfs.Zfs(conn, side="target")
-        local = zfs.Zfs(zfs.LocalRunner(node=node), side="source")
+        stall = float(store.get_settings()["stall_timeout"])  # a hung zfs on either side fails the migration
+        remote = zfs.Zfs(conn, side="target", timeout=stall)
+        local = zfs.Zfs(zfs.LocalRunner(node=node), side="source", timeout=stall)
         try:
             pools = sorted({v.pool for v in copy})
             there, here = remote.list(pools), local.list(pools)
@@ -222,7 +223,7 @@ def _copy_and_move(store: Any, res: MigrateResult, copy: list[planner.Volume], l
         for v in copy:
             say(f"{v.volid}: full copy of {v.dataset}@{snap} to {res.target}")
             created.append(v.dataset)
-            sent = _send_full(conn, res.source, v.dataset, snap)
+            sent = _send_full(conn, res.source, v.dataset, snap, remote.timeout or 600.0)
             _verify(local, remote, v.dataset, snap)
             say(f"{v.volid}: {sent} bytes sent, every snapshot arrived with the same guid")
             res.bytes += sent

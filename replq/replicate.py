@@ -35,7 +35,7 @@ from replq.errors import (
     StorageUnavailable,
     ZfsError,
 )
-from replq.jobrun import JobRun, RunResult
+from replq.jobrun import Deadline, JobRun, RunResult
 from replq.model import Volume, format_rate, snapshot_name
 from replq.output import human_bytes
 from replq.removal import Removal
@@ -233,10 +233,15 @@ class Replication(JobRun):
         return sorted({v.storage for v in volumes})
 
     def _remove_new_snapshots(self, datasets: list[str], snap: str) -> None:
+        undo = self.undo or Deadline()
         for ds in datasets:
+            timeout = undo.step()
+            if timeout is None:
+                self.log(f"warning: no time left to delete new snapshot '{ds}@{snap}': the next run does")
+                continue
             try:
                 self.log(f"delete previous replication snapshot '{snap}' on {self.volid(ds)}")  # pvesr's words
-                self.local.destroy_snapshot(ds, snap)
+                self.local.destroy_snapshot(ds, snap, timeout=timeout)
             except ReplqError as exc:
                 # Harmless for the next run (it is sent along or cleaned up), but say so.
                 self.log(f"warning: could not delete new snapshot '{ds}@{snap}': {exc}")
@@ -271,9 +276,10 @@ class Replication(JobRun):
                 self.conn, zfs.send_argv(vp.dataset, snap, base),
                 zfs.recv_argv(vp.dataset, incremental=vp.mode == "incremental"),
                 source=self.node, dataset=vp.dataset, bucket=bucket, on_bytes=on_bytes,
-                target_error=lambda stderr: self._target_error(vp, stderr),
+                target_error=lambda stderr: self._target_error(vp, stderr), stall_timeout=self.stall_timeout,
             )  # fmt: skip
         except BaseException as exc:
+            self.undo = Deadline()
             self._undo_target(job, vp, exc)
             raise
         dt = time.monotonic() - t0
@@ -307,13 +313,14 @@ class Replication(JobRun):
         remote = self.remote
         if remote is None:
             return
+        undo = self.undo or Deadline()
         try:
             if vp.base is None:
-                if not vp.target_exists and remote.exists(vp.dataset):
-                    remote.destroy_dataset(vp.dataset)
+                if not vp.target_exists and remote.exists(vp.dataset, timeout=undo.step() or 1.0):
+                    remote.destroy_dataset(vp.dataset, timeout=undo.step() or 1.0)
                     self.log(f"deleted partial volume '{vp.dataset}' on {job.target}")
             else:
-                remote.rollback(vp.dataset, vp.base.name)
+                remote.rollback(vp.dataset, vp.base.name, timeout=undo.step() or 1.0)
                 self.log(f"rolled back '{vp.dataset}' to {vp.base.name} on {job.target}")
         except ReplqError as undo:
             self.log(f"warning: cleanup on {job.target} failed: {undo}")

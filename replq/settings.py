@@ -27,19 +27,25 @@ from replq.passwords import hash_password, is_hash
 from replq.redact import HIDDEN, mask_url
 
 DEFAULT_RETRY_INTERVAL = 1800
+DEFAULT_STALL_TIMEOUT = 600
 
 
 # ---------------------------------------------------------------------------------- validators
 
 
-def _retry_interval(text: str) -> int:
-    try:
-        v = int(text.strip())
-    except ValueError:
-        raise ValidationError(f"retry_interval: invalid integer '{show(text)}' (seconds)") from None
-    if not 60 <= v <= 7 * 86400:
-        raise ValidationError("retry_interval: value must be between 60 and 604800 seconds")
-    return v
+def _seconds(key: str, lo: int, hi: int) -> Callable[[str], int]:
+    """A whole number of seconds from lo to hi."""
+
+    def check(text: str) -> int:
+        try:
+            v = int(text.strip())
+        except ValueError:
+            raise ValidationError(f"{key}: invalid integer '{show(text)}' (seconds)") from None
+        if not lo <= v <= hi:
+            raise ValidationError(f"{key}: value must be between {lo} and {hi} seconds")
+        return v
+
+    return check
 
 
 def _timezone(text: str) -> str:
@@ -50,16 +56,6 @@ def _timezone(text: str) -> str:
     except (ValueError, zoneinfo.ZoneInfoNotFoundError, OSError):
         raise ValidationError(f"timezone: unknown time zone '{show(text)}'") from None
     return text
-
-
-def _liveness_window(text: str) -> int:
-    try:
-        v = int(text.strip())
-    except ValueError:
-        raise ValidationError(f"liveness_window: invalid integer '{show(text)}' (seconds)") from None
-    if not 10 <= v <= 3600:
-        raise ValidationError("liveness_window: value must be between 10 and 3600 seconds")
-    return v
 
 
 def _notify_url(text: str) -> str:
@@ -124,12 +120,14 @@ class Setting:
 SETTINGS: dict[str, Setting] = {
     s.key: s
     for s in (
-        Setting("retry_interval", DEFAULT_RETRY_INTERVAL, _retry_interval,
+        Setting("retry_interval", DEFAULT_RETRY_INTERVAL, _seconds("retry_interval", 60, 7 * 86400),
                 "seconds between retries of a job in error state (60..604800)", scheduling=True),
         Setting("timezone", None, _timezone,
                 "time zone of calendar events and of every time shown (default: the system's)", scheduling=True),
-        Setting("liveness_window", 60, _liveness_window,
+        Setting("liveness_window", 60, _seconds("liveness_window", 10, 3600),
                 "a node whose worker sent a heartbeat within this many seconds is alive (10..3600)"),
+        Setting("stall_timeout", DEFAULT_STALL_TIMEOUT, _seconds("stall_timeout", 5, 86400),
+                "a transfer that makes no progress for this many seconds is aborted as stalled (5..86400)"),
         Setting("notify_url", None, _notify_url, "http(s) URL that receives a JSON POST when a job fails",
                 env="REPLQ_NOTIFY_URL", optional=True, shown=lambda v: mask_url(str(v))),
         Setting("notify_every", None, _positive_int("notify_every"),

@@ -18,7 +18,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from replq.errors import ConnectionLost, HostKeyMismatch, NodeUnreachable, Remot
 
 CONNECT_TIMEOUT = 15.0
 IO_TIMEOUT = 60.0  # no progress on a stream for this long: the peer is dead or stuck
+TICK = 1.0  # a stream's writer and waiter look at the clock (stalled? cancelled?) this often
 # A remote command may legitimately work in silence for long (destroying a big volume); a
 # dead peer is still caught sooner by TCP_USER_TIMEOUT and keepalives (the transport dies).
 COMMAND_TIMEOUT = 900.0
@@ -216,11 +217,13 @@ class Connection:
         finally:
             chan.close()
 
-    def _wait_status(self, chan: paramiko.Channel, timeout: float) -> int:
+    def _wait_status(self, chan: paramiko.Channel, timeout: float, tick: Callable[[], None] | None = None) -> int:
         deadline = time.monotonic() + timeout
-        while not chan.status_event.wait(1.0):
+        while not chan.status_event.wait(TICK):
             if self.transport is None or not self.transport.is_active():
                 raise ConnectionLost(f"connection to {self.where} lost")
+            if tick is not None:
+                tick()
             if time.monotonic() > deadline:
                 raise ConnectionLost(f"no answer from {self.where} within {timeout:.0f} s")
         if chan.exit_status == -1 and (self.transport is None or not self.transport.is_active()):
@@ -269,9 +272,15 @@ class Stream:
     def stderr(self) -> str:
         return bytes(self._stderr).decode(errors="replace")
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview, tick: Callable[[int], None] | None = None) -> None:
+        """Send data to the remote command. With `tick`, a full window is waited out a second at a
+        time, calling tick(bytes moved) between (it may raise: stalled or cancelled); without, the
+        connection's I/O timeout applies."""
         try:
-            _sendall(self.chan, memoryview(data))
+            if tick is None:
+                _sendall(self.chan, memoryview(data))
+            else:
+                _sendall_ticking(self.chan, memoryview(data), tick)
         except TimeoutError:
             raise ConnectionLost(
                 f"connection to {self.conn.where} stalled: no progress for {self.conn.io_timeout:.0f} s"
@@ -285,12 +294,13 @@ class Stream:
             raise ConnectionLost(f"connection to {self.conn.where} lost mid-stream: {reason or exc}") from None
         self.sent += len(data)
 
-    def finish(self, timeout: float = 600.0) -> CommandResult:
-        """Signal end of input and wait for the remote command's exit status."""
+    def finish(self, timeout: float = 600.0, tick: Callable[[], None] | None = None) -> CommandResult:
+        """Signal end of input and wait for the remote command's exit status (`tick` is called
+        every second meanwhile and may raise)."""
         try:
             if not self.chan.closed:
                 self.chan.shutdown_write()
-            rc = self.conn._wait_status(self.chan, timeout)
+            rc = self.conn._wait_status(self.chan, timeout, tick)
             self._reader.join(timeout=5)
             out = b""
             while self.chan.recv_ready():
@@ -317,6 +327,25 @@ def _sendall(chan: paramiko.Channel, data: memoryview) -> None:
         if n == 0:
             raise OSError("channel closed")
         data = data[n:]
+
+
+def _sendall_ticking(chan: paramiko.Channel, data: memoryview, tick: Callable[[int], None]) -> None:
+    """_sendall that waits for window space at most TICK at a time, calling tick(bytes sent)."""
+    old = chan.gettimeout()
+    chan.settimeout(TICK)
+    try:
+        while data:
+            try:
+                n = chan.send(data)
+            except TimeoutError:
+                tick(0)
+                continue
+            if n == 0:
+                raise OSError("channel closed")
+            data = data[n:]
+            tick(n)
+    finally:
+        chan.settimeout(old)
 
 
 def _drain(recv: object, chan: paramiko.Channel) -> bytes:

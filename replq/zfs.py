@@ -281,9 +281,12 @@ class Features:
 class Zfs:
     """zfs operations on one node, through a Runner (local subprocess or SSH)."""
 
-    def __init__(self, runner: Runner, side: str = "source") -> None:
+    def __init__(self, runner: Runner, side: str = "source", timeout: float | None = None) -> None:
         self.runner = runner
         self.side = side
+        # Every command's time limit unless a step gives its own (a run sets the cluster's
+        # stall_timeout: a hung zfs must not hang the run); None: the runner's default.
+        self.timeout = timeout
         self._features: Features | None = None
 
     @property
@@ -293,7 +296,8 @@ class Zfs:
     def _run(self, argv: list[str], what: str, timeout: float | None = None, busy_wait: float = 0.0) -> Result:
         """Run; on "dataset is busy" retry for up to `busy_wait` s (zfs-fuse holds a dataset
         busy for a moment after its files were last used)."""
-        deadline = time.monotonic() + busy_wait
+        timeout = timeout or self.timeout
+        deadline = time.monotonic() + (min(busy_wait, timeout / 2) if timeout else busy_wait)
         delay = 0.25
         while True:
             res = self.runner.run(argv, timeout=timeout)
@@ -320,15 +324,15 @@ class Zfs:
         roots = list(roots)
         if not roots:
             return {}
-        res = self.runner.run(list_argv(roots), timeout=600)
+        res = self.runner.run(list_argv(roots), timeout=self.timeout or 600)
         if res.returncode != 0:
             bad = [line for line in res.stderr.splitlines() if line.strip() and "does not exist" not in line]
             if bad:
                 raise map_error(res.stderr, "listing datasets", self.node, self.side)
         return parse_listing(res.stdout)
 
-    def exists(self, dataset: str) -> bool:
-        res = self.runner.run(get_argv(["type"], [dataset]))
+    def exists(self, dataset: str, timeout: float | None = None) -> bool:
+        res = self.runner.run(get_argv(["type"], [dataset]), timeout=timeout or self.timeout)
         if res.returncode == 0:
             return True
         if "does not exist" in res.stderr:
@@ -342,23 +346,25 @@ class Zfs:
     def snapshot(self, dataset: str, snap: str) -> None:
         self._run(snapshot_argv(dataset, snap), f"creating snapshot '{dataset}@{snap}'")
 
-    def destroy_snapshot(self, dataset: str, snap: str, missing_ok: bool = True) -> None:
+    def destroy_snapshot(self, dataset: str, snap: str, missing_ok: bool = True, timeout: float | None = None) -> None:
         try:
             what = f"deleting snapshot '{dataset}@{snap}'"
-            self._run(destroy_snapshot_argv(dataset, snap), what, busy_wait=BUSY_WAIT)
+            self._run(destroy_snapshot_argv(dataset, snap), what, timeout=timeout, busy_wait=BUSY_WAIT)
         except DatasetNotFound:
             if not missing_ok:
                 raise
 
-    def destroy_dataset(self, dataset: str, missing_ok: bool = True) -> None:
+    def destroy_dataset(self, dataset: str, missing_ok: bool = True, timeout: float | None = None) -> None:
         try:
-            self._run(destroy_dataset_argv(dataset), f"deleting volume '{dataset}'", busy_wait=BUSY_WAIT)
+            self._run(destroy_dataset_argv(dataset), f"deleting volume '{dataset}'", timeout=timeout,
+                      busy_wait=BUSY_WAIT)
         except DatasetNotFound:
             if not missing_ok:
                 raise
 
-    def rollback(self, dataset: str, snap: str) -> None:
-        self._run(rollback_argv(dataset, snap), f"rolling back '{dataset}' to '{snap}'", busy_wait=BUSY_WAIT)
+    def rollback(self, dataset: str, snap: str, timeout: float | None = None) -> None:
+        self._run(rollback_argv(dataset, snap), f"rolling back '{dataset}' to '{snap}'", timeout=timeout,
+                  busy_wait=BUSY_WAIT)
 
     def estimate_send_size(self, dataset: str, snap: str | None, base: str | None) -> int | None:
         """Bytes `send -Rp [-I base] dataset@snap` will produce, or None when unknown.

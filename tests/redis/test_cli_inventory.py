@@ -209,8 +209,11 @@ def test_settings(redis_url: str) -> None:
     assert s["retry_interval"] == 1800 and s["timezone"]
     ok("settings", "set", "retry_interval", "900")
     ok("settings", "set", "timezone", "Europe/Vienna")
+    ok("settings", "set", "stall_timeout", "15")
     assert ok("settings", "show").splitlines()[1:] == ["liveness_window 60", "retry_interval  900",
-                                                       "timezone        Europe/Vienna"]
+                                                       "stall_timeout   15", "timezone        Europe/Vienna"]
+    assert "stall_timeout: value must be between 5 and 86400 seconds" in refused("settings", "set", "stall_timeout",
+                                                                                  "2")
     assert "unknown time zone" in refused("settings", "set", "timezone", "Europe/Atlantis")
     assert "unknown setting" in refused("settings", "set", "colour", "blue")
     assert "retry_interval" in refused("settings", "set", "retry_interval", "5")

@@ -26,9 +26,23 @@ def test_liveness_window_refused(text: str) -> None:
         settings.check_setting("liveness_window", text)
 
 
+@pytest.mark.parametrize(("key", "text", "value"), [("stall_timeout", "15", 15), ("stall_timeout", "5", 5),
+                                                   ("stall_timeout", "86400", 86400), ("retry_interval", "60", 60)])
+def test_seconds(key: str, text: str, value: int) -> None:
+    assert settings.check_setting(key, text) == value
+
+
+@pytest.mark.parametrize(("key", "text"), [("stall_timeout", "4"), ("stall_timeout", "86401"),
+                                           ("stall_timeout", "ten"), ("retry_interval", "59")])
+def test_seconds_refused(key: str, text: str) -> None:
+    with pytest.raises(ValidationError, match=key):
+        settings.check_setting(key, text)
+
+
 def test_defaults_complete_what_is_stored() -> None:
     out = settings.with_defaults({"retry_interval": 90})
     assert out["retry_interval"] == 90 and out["liveness_window"] == 60 and out["timezone"]
+    assert out["stall_timeout"] == 600
     assert "notify_command" not in out  # optional settings are absent until set
 
 
