@@ -21,7 +21,8 @@
         ├── GuestLocked             another job of the guest holds the guest lock
         ├── SendFailed              the local `zfs send` failed or was killed
         ├── Stalled                 a transfer made no progress for `stall_timeout` seconds
-        ├── Cancelled               the run was cancelled (revoked, worker stopping, lock lost)
+        ├── Cancelled               the run was cancelled (revoked, worker stopping)
+        ├── LockLost                its lock was lost or not renewed in time: no further step is taken
         ├── MigrationFailed         a migration step failed; the guest stays where it was
         └── ZfsError                a zfs command failed (zfs.py maps its stderr)
             ├── NoSpace, DatasetBusy, DatasetNotFound, DatasetExists, TargetModified,
@@ -150,6 +151,11 @@ class Stalled(ServiceError):
 
 class Cancelled(ServiceError):
     """The run was cancelled before it finished."""
+
+
+class LockLost(ServiceError):
+    """The lock guarding the work is gone or could not be renewed for 0.8 x TTL (Redis away): the
+    work stops before anyone else can take the lock, and takes no further destructive step."""
 
 
 class MigrationFailed(ServiceError):

@@ -19,8 +19,8 @@ from replq import jobstate, ssh, transfer, zfs
 from replq import plan as planner
 from replq.context import ssh_key_path
 from replq.direction import lazy_switch
-from replq.errors import GuestLocked, JobRefused, ReplqError, ValidationError
-from replq.locks import Heartbeat
+from replq.errors import Cancelled, GuestLocked, JobRefused, LockLost, ReplqError, ValidationError
+from replq.locks import Lease
 from replq.model import Snapshot, Volume, check_volume_owner
 from replq.settings import tunable
 
@@ -65,6 +65,7 @@ class JobRun:
         worker: str | None = None,
         task_id: str | None = None,
         take_lock: bool = True,
+        lease: Lease | None = None,
         key_path: str | os.PathLike | None = None,
         cancel: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
@@ -79,6 +80,9 @@ class JobRun:
         self.worker = worker or f"{node}:{os.getpid()}"
         self.task_id = task_id
         self.take_lock = take_lock
+        # The locks this run works under (its guest lock, or the caller's: migrate), checked before
+        # every destructive step (fence).
+        self.lease = lease
         self.key_path = key_path
         self.cancel = cancel
         self.clock = clock
@@ -98,7 +102,8 @@ class JobRun:
     def sibling(self, cls: type[JobRun]) -> Any:
         """The same job on the same terms as another kind of run (a run that turns out to be a removal)."""
         other = cls(self.store, self.job_id, self.node, echo=self.echo, worker=self.worker, task_id=self.task_id,
-                    take_lock=self.take_lock, key_path=self.key_path, cancel=self.cancel, clock=self.clock,
+                    take_lock=self.take_lock, lease=self.lease, key_path=self.key_path, cancel=self.cancel,
+                    clock=self.clock,
                     local=self._local_runner, connect=self._connect_node, send=self.send)
         other.switched = self.switched
         return other
@@ -178,19 +183,46 @@ class JobRun:
 
     @contextlib.contextmanager
     def guest_lock(self, vmid: int) -> Iterator[None]:
-        if not self.take_lock:
+        """Hold the guest lock (with its heartbeat) for the run. Losing it (not renewable for
+        0.8 x TTL: Redis away) cancels the run: another run of this guest, or a guest move, may
+        take over, so the transfer is killed and no further destructive step is taken."""
+        if self.cancel is None:
+            self.cancel = threading.Event()
+        if not self.take_lock:  # the caller holds it (migrate); its lease fences our steps
             yield
             return
         ttl = tunable("guest_lock_ttl")
-        lock = self.store.lock("guest", vmid, ttl)
-        if not lock.acquire(blocking=False):
+        lease = Lease(self.store, [("guest", vmid)], ttl, on_lost=self.cancel.set, name=f"guest {vmid}")
+        if not lease.acquire():
             raise GuestLocked(f"guest {vmid} is locked: another replication job of this guest is running")
-        # Losing the guest lock (expired while Redis was away) cancels the transfer: another
-        # run of this guest may start now.
-        if self.cancel is None:
-            self.cancel = threading.Event()
-        with Heartbeat([lock], ttl, on_lost=self.cancel.set, name=f"lock-{vmid}"):
+        self.lease = lease
+        with lease:
             yield
+
+    def recheck(self, job: Any, guest: Any) -> None:
+        """Right after taking the guest lock: the guest and job as they are now. A guest that moved,
+        or a job that changed, while this run waited for the lock refuses the run."""
+        now_guest = self.store.get_guest(guest.vmid)
+        if now_guest.node != guest.node:
+            raise JobRefused(f"guest {guest.vmid} moved to node '{now_guest.node}' while job {self.job_id} waited "
+                             "for its lock: run refused")
+        now_job = self.store.get_job(self.job_id)
+        if (now_job.target, now_job.remove_job, now_job.disable) != (job.target, job.remove_job, job.disable):
+            raise JobRefused(f"replication job '{self.job_id}' changed while it waited for the guest lock: run "
+                             "refused; it runs again as it is now")
+
+    def fence(self, step: str) -> None:
+        """Immediately before a destructive step: the run's locks are still its own (LockLost if not)."""
+        if self.lease is not None:
+            self.lease.check(step)
+
+    def stop_requested(self) -> None:
+        """Called between chunks and every second of a transfer: stop when cancelled or the lock is lost."""
+        if self.cancel is not None and self.cancel.is_set():
+            if self.lease is not None and self.lease.lost.is_set():
+                raise LockLost(f"replication stopped: {self.lease.reason}; the target is left as its last "
+                               "committed receive left it")
+            raise Cancelled("replication cancelled")
 
     def cleanup(self, z: zfs.Zfs, dataset: str, name: str, where: str) -> None:
         """Delete an old replication snapshot after success; a failure only leaves it for the next run.
@@ -201,6 +233,7 @@ class JobRun:
         else:
             self.log(f"(remote_finalize_local_job) delete stale replication snapshot '{name}' on {self.volid(dataset)}")
         try:
+            self.fence(f"deleting '{dataset}@{name}' on {where}")
             z.destroy_snapshot(dataset, name)
         except ReplqError as exc:
             self.log(f"warning: could not delete '{dataset}@{name}' on {where}: {exc}")

@@ -73,6 +73,16 @@ def record_job_end(store: Any, job_id: str, *, error: str | None, duration: floa
     return store.update_state(job_id, failed=True, error=one_line(error), **fields)
 
 
+def try_record_job_end(store: Any, job_id: str, **kw: Any) -> bool:
+    """record_job_end of a failed run that must not fail itself (the store may be what failed,
+    e.g. a worker cut off from Redis): False if the state could not be written."""
+    try:
+        record_job_end(store, job_id, **kw)
+        return True
+    except Exception:  # noqa: BLE001 - the run's own error is the one to report
+        return False
+
+
 def record_refusal(store: Any, job_id: str, node: str, error: str, start: float | None = None) -> JobState:
     """A scheduled run refused before it started: recorded as a failed attempt, so the job waits
     retry_interval in error state instead of being queued again every second."""

@@ -19,7 +19,6 @@ switched job keeps its last_sync and continues from that snapshot.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,13 +31,14 @@ from replq.direction import commit_switch
 from replq.errors import (
     ConnectionLost,
     HostKeyMismatch,
+    LockLost,
     MigrationFailed,
     MigrationRefused,
     NodeUnreachable,
     ReplqError,
     ValidationError,
 )
-from replq.locks import Heartbeat
+from replq.locks import Lease
 from replq.model import check_node_name, check_vmid, check_volume_owner
 from replq.replicate import Replication
 from replq.settings import tunable
@@ -60,22 +60,20 @@ def _running(store: Any, vmid: int) -> str:
 
 
 @contextlib.contextmanager
-def guest_locks(store: Any, vmid: int, what: str) -> Iterator[threading.Event]:
+def guest_locks(store: Any, vmid: int, what: str) -> Iterator[Lease]:
     """The migrate lock and the guest lock, extended by a heartbeat: no job of the guest starts
-    (beat skips a locked guest; the engine refuses) while the guest is migrated or moved.
-    Yields an event that is set if the locks were lost meanwhile: the guest must not move then."""
+    (beat skips a locked guest; the engine refuses) while the guest is migrated or moved. Yields
+    the lease: every destructive step checks it first (lease.check), so a migration whose locks
+    were lost (Redis away) stops before it changes anything more."""
     ttl = tunable("guest_lock_ttl")
-    mlock = store.lock("migrate", vmid, ttl)
-    if not mlock.acquire(blocking=False):
-        raise MigrationRefused(f"cannot {what} guest {vmid}: a migration of it is already running")
-    glock = store.lock("guest", vmid, ttl)
-    if not glock.acquire(blocking=False):
-        with contextlib.suppress(Exception):
-            mlock.release()
+    lease = Lease(store, [("migrate", vmid), ("guest", vmid)], ttl, name=f"guest {vmid}")
+    if not lease.acquire():
+        if lease.blocked_by == ("migrate", vmid):
+            raise MigrationRefused(f"cannot {what} guest {vmid}: a migration of it is already running")
         raise MigrationRefused(f"cannot {what} guest {vmid}: {_running(store, vmid)}; try again when it has finished "
                                f"(the lock of a dead node expires within {ttl:.0f} s)")  # fmt: skip
-    with Heartbeat([mlock, glock], ttl, name=f"migrate-lock-{vmid}") as beat:
-        yield beat.lost
+    with lease:
+        yield lease
 
 
 # ---------------------------------------------------------------------------------- migrate
@@ -119,11 +117,16 @@ def _local_volumes(guest: Any, storages: dict[str, Any], target: str, what: str 
     return out
 
 
-def _send_full(conn: ssh.Connection, node: str, dataset: str, snap: str, stall_timeout: float) -> int:
+def _send_full(conn: ssh.Connection, node: str, dataset: str, snap: str, stall_timeout: float, lease: Lease) -> int:
     """`zfs send -Rp dataset@snap` here into `zfs recv dataset` on the connected node (no -F:
-    it never overwrites), through the engine's send pipeline."""
+    it never overwrites), through the engine's send pipeline; stopped if the lease is lost."""
+
+    def on_bytes(_sent: int) -> None:
+        if lease.lost.is_set():
+            raise LockLost(f"migration stopped: {lease.reason}")
+
     sent, _ = transfer.send_stream(conn, zfs.send_argv(dataset, snap), zfs.recv_argv(dataset, incremental=False),
-                                   source=node, dataset=dataset, stall_timeout=stall_timeout)
+                                   source=node, dataset=dataset, stall_timeout=stall_timeout, on_bytes=on_bytes)
     return sent
 
 
@@ -176,7 +179,7 @@ def migrate(store: Any, vmid: int | str, target: str, node: str, *, echo: Callab
     copy = [v for v in volumes if v.dataset not in replicated]
     res = MigrateResult(vmid=vmid, source=node, target=target, mode="full" if job is None else "delta",
                         job=job.id if job else None)  # fmt: skip
-    with guest_locks(store, vmid, "migrate") as lock_lost:
+    with guest_locks(store, vmid, "migrate") as lease:
         try:
             conn = connect(store, target, key_path)
         except (NodeUnreachable, ConnectionLost, HostKeyMismatch) as exc:
@@ -197,12 +200,14 @@ def migrate(store: Any, vmid: int | str, target: str, node: str, *, echo: Callab
                                        f"node '{target}' (no replica of a job to it): refusing to overwrite")
             if job is not None:
                 say(f"replication job {job.id}: sending the delta to {target}")
-                run = Replication(store, job.id, node, echo=echo, take_lock=False, key_path=key_path).run()
+                lease.check(f"sending the delta of job {job.id}")
+                run = Replication(store, job.id, node, echo=echo, take_lock=False, lease=lease, cancel=lease.lost,
+                                  key_path=key_path).run()
                 if not run.ok:
                     raise MigrationFailed(f"cannot migrate guest {vmid}: replication job {job.id} failed: {run.error}; "
                                           f"the guest stays on node '{node}'")  # fmt: skip
                 res.bytes += run.bytes
-            _copy_and_move(store, res, copy, local, remote, conn, say, lock_lost)
+            _copy_and_move(store, res, copy, local, remote, conn, say, lease)
         finally:
             conn.close()
     res.duration = round(time.monotonic() - t0, 3)
@@ -211,7 +216,7 @@ def migrate(store: Any, vmid: int | str, target: str, node: str, *, echo: Callab
 
 def _copy_and_move(store: Any, res: MigrateResult, copy: list[planner.Volume], local: zfs.Zfs, remote: zfs.Zfs,
                    conn: ssh.Connection, say: Callable[[str], None],
-                   lock_lost: threading.Event | None = None) -> None:  # fmt: skip
+                   lease: Lease) -> None:  # fmt: skip
     """Full copies (checked), then the guest moves; the source copies go only after that."""
     snap = MIGRATE_SNAPSHOT.format(epoch=int(time.time()))
     snapped: list[str] = []
@@ -222,15 +227,14 @@ def _copy_and_move(store: Any, res: MigrateResult, copy: list[planner.Volume], l
             snapped.append(v.dataset)
         for v in copy:
             say(f"{v.volid}: full copy of {v.dataset}@{snap} to {res.target}")
+            lease.check(f"copying {v.dataset} to {res.target}")
             created.append(v.dataset)
-            sent = _send_full(conn, res.source, v.dataset, snap, remote.timeout or 600.0)
+            sent = _send_full(conn, res.source, v.dataset, snap, remote.timeout or 600.0, lease)
             _verify(local, remote, v.dataset, snap)
             say(f"{v.volid}: {sent} bytes sent, every snapshot arrived with the same guid")
             res.bytes += sent
             res.copied.append(v.dataset)
-        if lock_lost is not None and lock_lost.is_set():
-            raise MigrationFailed(f"cannot migrate guest {res.vmid}: its lock was lost while Redis was away "
-                                  f"(a job of the guest may have started); the guest stays on node '{res.source}'")
+        lease.check(f"moving guest {res.vmid} to {res.target}")
         changes = commit_switch(store, res.vmid, res.target, move_from=res.source)
     except BaseException as exc:
         for ds in created:
@@ -252,6 +256,7 @@ def _copy_and_move(store: Any, res: MigrateResult, copy: list[planner.Volume], l
             say(f"replication job {after.id}: direction switched, now {after.source} => {after.target}")
     for v in copy:
         try:
+            lease.check(f"deleting the old volume {v.dataset} on {res.source}")
             local.destroy_dataset(v.dataset)
             res.removed.append(v.dataset)
             say(f"{v.volid}: source volume {v.dataset} deleted on {res.source}")
@@ -309,7 +314,7 @@ def guest_move(store: Any, vmid: int | str, to: str, force: bool = False, *, red
     old = guest.node
     if old == to:
         raise MigrationRefused(f"guest {vmid} already lives on node '{to}'")
-    with guest_locks(store, vmid, "move"):
+    with guest_locks(store, vmid, "move") as lease:
         alive = node_answers(store, old, redis_url, key_path)
         if alive and not force:
             raise MigrationRefused(
@@ -319,6 +324,7 @@ def guest_move(store: Any, vmid: int | str, to: str, force: bool = False, *, red
             )
         if not force:
             _check_replicas(store, guest, to, key_path)
+        lease.check(f"moving guest {vmid} to {to}")
         store.set_guest_node(vmid, to)
     res = MoveResult(vmid=vmid, source=old, target=to, forced=force, reason=alive)
     for job in store.list_jobs(vmid):

@@ -26,6 +26,7 @@ class Removal(JobRun):
         if not job.remove_job:
             raise JobRefused(f"replication job '{self.job_id}' is not marked for removal")
         with self.guest_lock(guest.vmid):
+            self.recheck(job, guest)
             t0 = time.monotonic()
             start = int(self.clock())
             jobstate.record_job_start(self.store, self.job_id, start, self.node, self.worker, self.task_id)
@@ -82,6 +83,7 @@ class Removal(JobRun):
         for ds, names in sorted(target.items()):
             assert remote is not None
             if job.remove_job == "full":
+                self.fence(f"deleting volume '{ds}' on {job.target}")
                 self.log(f"(remote_prepare_local_job) {self.job_id}: delete stale volume '{self.volid(ds)}'")
                 remote.destroy_dataset(ds)
             else:
@@ -94,6 +96,7 @@ class Removal(JobRun):
                 if (ds, name) in held:  # another job's only base after a move (SPEC §6)
                     self.log(f"keep '{ds}@{name}' on {self.node}: base of job {held[(ds, name)]}")
                     continue
+                self.fence(f"deleting '{ds}@{name}' on {self.node}")
                 self.log(f"delete stale replication snapshot '{name}' on {self.volid(ds)}")  # pvesr's prepare
                 self.local.destroy_snapshot(ds, name)
 

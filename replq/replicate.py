@@ -26,9 +26,9 @@ from typing import Any
 from replq import jobstate, transfer, zfs
 from replq import plan as planner
 from replq.errors import (
-    Cancelled,
     ConnectionLost,
     JobRefused,
+    LockLost,
     NodeUnreachable,
     NoSpace,
     ReplqError,
@@ -53,6 +53,7 @@ class Replication(JobRun):
         if job.disable:
             raise JobRefused(f"replication job '{self.job_id}' is disabled")
         with self.guest_lock(guest.vmid):
+            self.recheck(job, guest)
             return self._locked_run(job, guest)
 
     def _check_target_storages(
@@ -133,8 +134,9 @@ class Replication(JobRun):
                 message = f"internal error: {exc.__class__.__name__}: {exc}"
             result.error = jobstate.one_line(message)
             result.duration = round(time.monotonic() - t0, 6)
-            jobstate.record_job_end(self.store, self.job_id, error=result.error, duration=result.duration,
-                                    bytes=result.bytes)
+            if not jobstate.try_record_job_end(self.store, self.job_id, error=result.error, duration=result.duration,
+                                               bytes=result.bytes):
+                result.error += " (the job state could not be recorded: the cluster store is unreachable)"
             self.log(f"end replication job with error: {result.error}")
             if not isinstance(exc, Exception):
                 raise
@@ -183,9 +185,11 @@ class Replication(JobRun):
                 self.log(f"{vp.volume.volid}: no last sync recorded: incremental from the newest common "
                          f"replication snapshot {vp.base.name}")
             for name in vp.prune_target:
+                self.fence(f"deleting '{vp.dataset}@{name}' on {job.target}")
                 self.log(f"(remote_prepare_local_job) delete stale replication snapshot '{name}' on {vp.volume.volid}")
                 remote.destroy_snapshot(vp.dataset, name)
         for ds in p.remove_target_volumes:
+            self.fence(f"deleting '{ds}' on {job.target}")
             self.log(f"(remote_prepare_local_job) {self.job_id}: delete stale volume '{self.volid(ds)}'")
             remote.destroy_dataset(ds)
         # 6. snapshots, all or nothing
@@ -240,6 +244,7 @@ class Replication(JobRun):
                 self.log(f"warning: no time left to delete new snapshot '{ds}@{snap}': the next run does")
                 continue
             try:
+                self.fence(f"deleting new snapshot '{ds}@{snap}'")
                 self.log(f"delete previous replication snapshot '{snap}' on {self.volid(ds)}")  # pvesr's words
                 self.local.destroy_snapshot(ds, snap, timeout=timeout)
             except ReplqError as exc:
@@ -268,9 +273,10 @@ class Replication(JobRun):
 
         def on_bytes(sent: int) -> None:
             progress.update(sent)
-            if self.cancel is not None and self.cancel.is_set():
-                raise Cancelled("replication cancelled")
+            self.stop_requested()
 
+        what_recv = "receiving (may roll back to the base)" if vp.mode == "incremental" else "receiving"
+        self.fence(f"{what_recv} {vp.dataset} on {job.target}")
         try:
             sent, t_stream = self.send(
                 self.conn, zfs.send_argv(vp.dataset, snap, base),
@@ -315,6 +321,7 @@ class Replication(JobRun):
             return
         undo = self.undo or Deadline()
         try:
+            self.fence(f"cleaning up '{vp.dataset}' on {job.target}")
             if vp.base is None:
                 if not vp.target_exists and remote.exists(vp.dataset, timeout=undo.step() or 1.0):
                     remote.destroy_dataset(vp.dataset, timeout=undo.step() or 1.0)
@@ -322,8 +329,10 @@ class Replication(JobRun):
             else:
                 remote.rollback(vp.dataset, vp.base.name, timeout=undo.step() or 1.0)
                 self.log(f"rolled back '{vp.dataset}' to {vp.base.name} on {job.target}")
-        except ReplqError as undo:
-            self.log(f"warning: cleanup on {job.target} failed: {undo}")
+        except LockLost as lost:
+            self.log(f"target '{vp.dataset}' on {job.target} left as zfs left it: {lost}")
+        except ReplqError as failed:
+            self.log(f"warning: cleanup on {job.target} failed: {failed}")
 
 
 def run_job(store: Any, job_id: str, node: str, **kw: Any) -> RunResult:

@@ -20,7 +20,9 @@ Only the store package knows Redis keys. Key layout (prefix P, default "replq:")
     P sched                 zset  job id -> next_sync (absent = never due)
     P settings              hash  cluster settings (settings.py), only those set
     P log:<id>              list  replication log lines of the last run
-    P lock:<kind>:<ident>   str   redis-py locks (guest, job, migrate, beat, queued markers)
+    P lock:<kind>:<ident>   str   redis-py locks (guest, job, migrate, beat, queued markers); the
+                                  engine's hold a fencing token `<P fence>:<random>` (locks.py)
+    P fence                 str   counter of fencing tokens
     P heartbeats            hash  node -> epoch of its worker's last heartbeat
 
 All values are JSON.
@@ -78,6 +80,17 @@ return 1
 """
 
 
+# The fencing check (locks.py): every lock still holds its holder's token, then all are extended
+# for a full TTL, in one atomic step right before a destructive one.
+_CONFIRM_LOCKS = """
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) ~= ARGV[i + 1] then return 0 end
+end
+for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+return 1
+"""
+
+
 # Status of 10,000 jobs: redis-py's pure-Python reply parser costs microseconds per reply element,
 # so the server joins the stored JSON texts of a chunk of jobs into one reply, parsed once by the
 # C json module.
@@ -122,6 +135,7 @@ class StoreBase:
         self.prefix = prefix
         self._cas_index = client.register_script(_CAS_INDEX)
         self._set_progress = client.register_script(_SET_PROGRESS)
+        self._confirm_locks = client.register_script(_CONFIRM_LOCKS)
         self._read_jobs = client.register_script(_READ_JOBS)
         self._members = client.register_script("return cjson.encode(redis.call('SMEMBERS', KEYS[1]))")
 

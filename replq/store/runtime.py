@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -109,6 +110,15 @@ class RuntimeStore(StoreBase):
     def queued_token(self, job_id: str) -> str | None:
         """The task id the job is queued with, if any."""
         return self.redis.get(self.k("lock", "queued", job_id))
+
+    def fencing_token(self) -> str:
+        """A new lock token: an increasing counter (orders holders) and a random part (keeps two
+        holders distinct even if a failover lost counter increments)."""
+        return f"{self.redis.incr(self.k('fence'))}:{uuid.uuid4().hex[:12]}"
+
+    def confirm_locks(self, names: Sequence[str], tokens: Sequence[str], ttl: float) -> bool:
+        """True (and every lock extended by `ttl`) if each lock `names[i]` holds `tokens[i]`; atomic."""
+        return bool(self._confirm_locks(keys=list(names), args=[int(ttl * 1000), *tokens]))
 
     def lock(self, kind: str, ident: str | int, ttl: float) -> redis.lock.Lock:
         """A non-reentrant Redis lock usable across threads (acquire(blocking=False), extend, release)."""

@@ -204,7 +204,8 @@ def test_settings_timezone_reindexes(store: Store) -> None:
     assert store.next_sync("100-0") == datetime(2026, 3, 11, 12, 0, tzinfo=UTC).timestamp()
     store.set_setting("timezone", "Asia/Tokyo", now=NOW)  # 12:00 JST = 03:00 UTC
     assert store.next_sync("100-0") == datetime(2026, 3, 11, 3, 0, tzinfo=UTC).timestamp()
-    assert store.get_settings() == {"retry_interval": 1800, "timezone": "Asia/Tokyo", "liveness_window": 60}
+    assert store.get_settings() == {"retry_interval": 1800, "timezone": "Asia/Tokyo", "liveness_window": 60,
+                                    "stall_timeout": 600}
     for key, value in (("timezone", "Mars/Base"), ("timezone", "../etc/passwd"), ("retry_interval", "x"),
                        ("retry_interval", "5"), ("bogus", "1")):
         with pytest.raises(ValidationError):
