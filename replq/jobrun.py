@@ -98,6 +98,8 @@ class JobRun:
         self.pool_storages: dict[str, str] = {}  # pool → storage id, to name volumes as pvesr's log does
         self._stall_timeout: float | None = None
         self.undo: Deadline | None = None  # set at the first failure: the time left for cleaning up
+        self.sent: dict[str, list[Snapshot]] = {}  # per dataset, the snapshots a transfer carries (guids)
+        self.keep_new: set[str] = set()  # datasets whose new snapshot stays after a failure (see _undo_target)
 
     def sibling(self, cls: type[JobRun]) -> Any:
         """The same job on the same terms as another kind of run (a run that turns out to be a removal)."""

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from replq import guard, ssh, transfer, zfs
 from replq import plan as planner
-from replq import ssh, transfer, zfs
 from replq.context import ssh_key_path
 from replq.direction import commit_switch
 from replq.errors import (
@@ -38,6 +38,7 @@ from replq.errors import (
     ReplqError,
     ValidationError,
 )
+from replq.jobrun import CLEANUP_STEP
 from replq.locks import Lease
 from replq.model import check_node_name, check_vmid, check_volume_owner
 from replq.replicate import Replication
@@ -220,15 +221,18 @@ def _copy_and_move(store: Any, res: MigrateResult, copy: list[planner.Volume], l
     """Full copies (checked), then the guest moves; the source copies go only after that."""
     snap = MIGRATE_SNAPSHOT.format(epoch=int(time.time()))
     snapped: list[str] = []
-    created: list[str] = []
+    tried: list[str] = []
+    sent_snaps: dict[str, list[planner.Snapshot]] = {}
     try:
         for v in copy:
             local.snapshot(v.dataset, snap)
             snapped.append(v.dataset)
+        # What each copy carries, by guid: after a failure only a copy proven to be ours is deleted.
+        sent_snaps = local.list([v.dataset for v in copy])
         for v in copy:
             say(f"{v.volid}: full copy of {v.dataset}@{snap} to {res.target}")
             lease.check(f"copying {v.dataset} to {res.target}")
-            created.append(v.dataset)
+            tried.append(v.dataset)
             sent = _send_full(conn, res.source, v.dataset, snap, remote.timeout or 600.0, lease)
             _verify(local, remote, v.dataset, snap)
             say(f"{v.volid}: {sent} bytes sent, every snapshot arrived with the same guid")
@@ -237,11 +241,14 @@ def _copy_and_move(store: Any, res: MigrateResult, copy: list[planner.Volume], l
         lease.check(f"moving guest {res.vmid} to {res.target}")
         changes = commit_switch(store, res.vmid, res.target, move_from=res.source)
     except BaseException as exc:
-        for ds in created:
+        for ds in tried:
+            sent = sent_snaps.get(ds, [])
+            guid = next((s.guid for s in sent if s.name == snap), 0)
             try:
-                remote.destroy_dataset(ds)
+                lease.check(f"deleting the copy of {ds} on {res.target}")
+                guard.destroy_own_copy(remote, ds, sent, snap, guid, say, timeout=CLEANUP_STEP)
             except ReplqError as undo:
-                res.warnings.append(f"could not delete the partial copy '{ds}' on {res.target}: {undo}")
+                res.warnings.append(f"could not delete the copy '{ds}' on {res.target}: {undo}")
         for ds in snapped:
             with contextlib.suppress(ReplqError):
                 local.destroy_snapshot(ds, snap)

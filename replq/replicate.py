@@ -23,7 +23,7 @@ import contextlib
 import time
 from typing import Any
 
-from replq import jobstate, transfer, zfs
+from replq import guard, jobstate, transfer, zfs
 from replq import plan as planner
 from replq.errors import (
     ConnectionLost,
@@ -36,7 +36,7 @@ from replq.errors import (
     ZfsError,
 )
 from replq.jobrun import Deadline, JobRun, RunResult
-from replq.model import Volume, format_rate, snapshot_name
+from replq.model import Snapshot, Volume, format_rate, snapshot_name
 from replq.output import human_bytes
 from replq.removal import Removal
 from replq.throttle import TokenBucket
@@ -203,7 +203,12 @@ class Replication(JobRun):
             self._remove_new_snapshots(made, p.snapshot)
             raise
         # 7. send
+        received: list[planner.VolumePlan] = []
         try:
+            # What was sent, by guid: after a failure only copies proven to be this run's are deleted.
+            guids = self.local.guids([f"{vp.dataset}@{p.snapshot}" for vp in p.volumes])
+            self.sent = {vp.dataset: [*source[vp.dataset], Snapshot(p.snapshot, guids[f"{vp.dataset}@{p.snapshot}"],
+                                                                    start)] for vp in p.volumes}
             estimates = [
                 self.local.estimate_send_size(vp.dataset, p.snapshot, vp.base.name if vp.base else None)
                 for vp in p.volumes
@@ -214,8 +219,18 @@ class Replication(JobRun):
             self.log(f"using secure transmission, rate limit: {limit}")  # always SSH: pvesr's 'secure'
             for vp, est in zip(p.volumes, estimates, strict=True):
                 self._send_volume(job, vp, p.snapshot, est, bucket, progress, result)
+                received.append(vp)
         except BaseException:
-            self._remove_new_snapshots(made, p.snapshot)
+            # Full copies that arrived before a later volume failed would have no common base once
+            # the new snapshot goes here: this run's own copies go too (by guid). Where that cannot
+            # be done (target unreachable), the new snapshot stays as the next run's base.
+            for vp in received:
+                if vp.base is None and self._undo_target(job, vp, p.snapshot, None):
+                    self.keep_new.add(vp.dataset)
+            self._remove_new_snapshots([ds for ds in made if ds not in self.keep_new], p.snapshot)
+            for ds in sorted(self.keep_new):
+                self.log(f"keep new snapshot '{ds}@{p.snapshot}': its copy on {job.target} may have arrived; the "
+                         "next run goes on from it")
             raise
         # 8. last_sync first: from here on the new snapshot is the base, whatever happens next
         jobstate.record_sync_end(self.store, self.job_id, start)
@@ -286,7 +301,8 @@ class Replication(JobRun):
             )  # fmt: skip
         except BaseException as exc:
             self.undo = Deadline()
-            self._undo_target(job, vp, exc)
+            if self._undo_target(job, vp, snap, exc):
+                self.keep_new.add(vp.dataset)
             raise
         dt = time.monotonic() - t0
         progress.done += sent
@@ -311,28 +327,34 @@ class Replication(JobRun):
             )
         return err
 
-    def _undo_target(self, job: Any, vp: planner.VolumePlan, exc: BaseException) -> None:
-        """After a failed receive: back to the base (incremental) or no partial volume (full)."""
+    def _undo_target(self, job: Any, vp: planner.VolumePlan, snap: str, exc: BaseException | None) -> bool:
+        """After a failed receive: back to the base (incremental), or delete the copy this run
+        received, proven by guid (full); a dataset that appeared by another hand stays. Returns
+        whether a full copy of this run may remain on the target (then the new snapshot stays
+        here too, so that the next run goes on from it instead of finding no common base)."""
+        full = vp.base is None
         if isinstance(exc, ConnectionLost | NodeUnreachable):
             self.log(f"target node '{job.target}' not reachable: its partial receive is discarded by zfs")
-            return
+            return full
         remote = self.remote
         if remote is None:
-            return
+            return full
         undo = self.undo or Deadline()
         try:
             self.fence(f"cleaning up '{vp.dataset}' on {job.target}")
-            if vp.base is None:
-                if not vp.target_exists and remote.exists(vp.dataset, timeout=undo.step() or 1.0):
-                    remote.destroy_dataset(vp.dataset, timeout=undo.step() or 1.0)
-                    self.log(f"deleted partial volume '{vp.dataset}' on {job.target}")
+            if full:
+                sent = self.sent.get(vp.dataset, [])
+                guid = next((s.guid for s in sent if s.name == snap), 0)
+                guard.destroy_own_copy(remote, vp.dataset, sent, snap, guid, self.log, timeout=undo.step() or 1.0)
             else:
                 remote.rollback(vp.dataset, vp.base.name, timeout=undo.step() or 1.0)
                 self.log(f"rolled back '{vp.dataset}' to {vp.base.name} on {job.target}")
+            return False
         except LockLost as lost:
             self.log(f"target '{vp.dataset}' on {job.target} left as zfs left it: {lost}")
         except ReplqError as failed:
             self.log(f"warning: cleanup on {job.target} failed: {failed}")
+        return full
 
 
 def run_job(store: Any, job_id: str, node: str, **kw: Any) -> RunResult:

@@ -319,12 +319,12 @@ class Zfs:
             self._features = Features(send_estimate=estimate, resume_tokens=resume)
         return self._features
 
-    def list(self, roots: Iterable[str]) -> dict[str, list[Snapshot]]:
+    def list(self, roots: Iterable[str], timeout: float | None = None) -> dict[str, list[Snapshot]]:
         """Datasets and snapshots under the roots; a missing root is reported as absent."""
         roots = list(roots)
         if not roots:
             return {}
-        res = self.runner.run(list_argv(roots), timeout=self.timeout or 600)
+        res = self.runner.run(list_argv(roots), timeout=timeout or self.timeout or 600)
         if res.returncode != 0:
             bad = [line for line in res.stderr.splitlines() if line.strip() and "does not exist" not in line]
             if bad:
@@ -342,6 +342,11 @@ class Zfs:
     def get(self, props: Sequence[str], targets: Iterable[str]) -> dict[str, dict[str, str]]:
         res = self._run(get_argv(props, targets), "reading ZFS properties")
         return parse_get(res.stdout)
+
+    def guids(self, dataset_snaps: Sequence[str]) -> dict[str, int]:
+        """The guid of each `dataset@snap`."""
+        props = self.get(["guid"], dataset_snaps)
+        return {name: _int(p.get("guid"), name) for name, p in props.items()}
 
     def snapshot(self, dataset: str, snap: str) -> None:
         self._run(snapshot_argv(dataset, snap), f"creating snapshot '{dataset}@{snap}'")

@@ -12,7 +12,7 @@ import pytest
 from replq.model import Disk, Guest, Job, Node, Storage, snapshot_name
 from replq.replicate import Replication
 from replq.store import Store
-from tests.support.fakezfs import FakeTransfer, FakeZfs
+from tests.support.fakezfs import FakeTransfer, FakeZfs, Snap
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFFZwt0+x2oix/58y+52DIrq9zIT99kJEO991GWMMuM2"
 POOL = "rpool/data"
@@ -131,14 +131,40 @@ def test_a_broken_incremental_rolls_the_target_back_and_keeps_the_base(engine: E
     assert engine.src.names(D0) == engine.dst.names(D0) == [snap(3_000)]
 
 
-def test_a_broken_full_send_removes_only_the_volume_it_created(engine: Engine) -> None:
-    engine.transfer.fail = "partial-full"
+def test_a_failed_full_send_deletes_the_copy_it_received_proven_by_guid(engine: Engine) -> None:
+    """D0 arrives complete, then D1's receive fails because D1 appeared on node2 by another hand
+    meanwhile: D0's copy (this run's, same guid) goes, since its snapshot goes here too; D1 stays."""
+    s1 = snap(1_000)
+
+    def d1_appears(conn: object, send_argv: list[str], recv_argv: list[str], **kw: object) -> tuple[int, float]:
+        if send_argv[-1].startswith(D1):
+            engine.dst.datasets[D1] = [Snap("precious", 77, 5)]
+            engine.transfer.fail = "exists"
+        return engine.transfer(conn, send_argv, recv_argv, **kw)
+
+    res = Replication(engine.store, "100-0", "node1", local=engine.src, connect=lambda node: engine.dst,
+                      send=d1_appears, clock=lambda: 1_000).run()
+    assert not res.ok and "exists" in (res.error or "")
+    assert engine.steps()[-3:] == [f"node2 destroy {D0}", f"node1 destroy {D0}@{s1}", f"node1 destroy {D1}@{s1}"]
+    assert D0 not in engine.dst.datasets
+    assert engine.dst.names(D1) == ["precious"]  # never destroyed: not what this run sent
+    log = "\n".join(engine.store.read_log("100-0"))
+    assert f"deleted '{D0}' on node2: the copy this run received" in log
+    assert f"left '{D1}' on node2 untouched: it is not the copy this run sent" in log
+
+
+def test_a_first_full_receive_whose_outcome_is_unknown_keeps_the_new_snapshot(engine: Engine) -> None:
+    """The connection breaks after zfs recv committed D0's copy: the run cannot tell, so the new
+    snapshot stays on D0 and the next run goes on from it incrementally (no 'no common base')."""
+    engine.transfer.fail = "after-commit"
     res = engine.run(1_000)
-    assert not res.ok
-    assert engine.steps() == [f"node1 snapshot {D0}@{snap(1_000)}", f"node1 snapshot {D1}@{snap(1_000)}",
-                              f"transfer send {D0}@{snap(1_000)}", f"node2 destroy {D0}",
-                              f"node1 destroy {D0}@{snap(1_000)}", f"node1 destroy {D1}@{snap(1_000)}"]
-    assert D0 not in engine.dst.datasets and engine.src.names(D0) == []
+    assert not res.ok and "no exit status" in (res.error or "")
+    s1 = snap(1_000)
+    assert engine.src.names(D0) == engine.dst.names(D0) == [s1] and engine.src.names(D1) == []
+    assert f"keep new snapshot '{D0}@{s1}'" in "\n".join(engine.store.read_log("100-0"))
+    assert engine.run(2_000).ok
+    assert any("-I" in argv for argv, _ in engine.transfer.sends[-2:])  # D0 went on incrementally
+    assert engine.src.names(D0) == engine.dst.names(D0) == [snap(2_000)]
 
 
 def test_a_lost_connection_touches_nothing_more_on_the_target(engine: Engine) -> None:

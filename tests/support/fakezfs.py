@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from replq.errors import ConnectionLost, NoSpace, StreamBroken
+from replq.errors import ConnectionLost, DatasetExists, NoSpace, StreamBroken
 
 _guids = itertools.count(1000)
 
@@ -130,7 +130,7 @@ class FakeTransfer:
     def __init__(self, source: FakeZfs, target: FakeZfs) -> None:
         self.source, self.target = source, target
         self.sends: list[tuple[list[str], list[str]]] = []
-        self.fail: str | None = None  # "broken", "nospace", "lost", "partial-full"
+        self.fail: str | None = None  # "broken", "nospace", "lost", "after-commit", "exists"
 
     def __call__(self, conn: Any, send_argv: list[str], recv_argv: list[str], **kw: Any) -> tuple[int, float]:
         self.sends.append((send_argv, recv_argv))
@@ -143,9 +143,8 @@ class FakeTransfer:
         names = [s.name for s in src]
         upto = src[: names.index(snap) + 1]
         kind, self.fail = self.fail, None
-        if kind == "partial-full" and base is None:
-            self.target.datasets[ds] = []  # a receive that created the dataset, then broke
-            raise StreamBroken(f"receiving {ds} on node '{self.target.node}' failed: invalid backup stream")
+        if kind == "exists":  # a full receive into a dataset that appeared meanwhile
+            raise DatasetExists(f"receiving {ds} on node '{self.target.node}' failed: destination '{ds}' exists")
         if kind == "broken":
             raise StreamBroken(f"receiving {ds} on node '{self.target.node}' failed: invalid backup stream")
         if kind == "nospace":
@@ -159,5 +158,7 @@ class FakeTransfer:
             keep = have[: [s.name for s in have].index(base) + 1]  # recv -F: back to the base
             start = names.index(base) + 1
             self.target.datasets[ds] = keep + [Snap(s.name, s.guid, s.creation) for s in upto[start:]]
+        if kind == "after-commit":  # zfs recv committed, then its exit status never arrived
+            raise ConnectionLost(f"connection to node '{self.target.node}' lost: no exit status")
         kw.get("on_bytes", lambda n: None)(4096)
         return 4096, 0.01

@@ -16,8 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("replq", "workers", "beat")
-PURE = {"replq.calendar", "replq.model", "replq.plan", "replq.schedule", "replq.errors", "replq.settings",
-        "replq.throttle", "replq.passwords", "replq.redact", "replq.zfsnames"}
+PURE = {"replq.calendar", "replq.model", "replq.plan", "replq.safety", "replq.schedule", "replq.errors",
+        "replq.settings", "replq.throttle", "replq.passwords", "replq.redact", "replq.zfsnames"}
 IO_LIBRARIES = {"redis", "paramiko", "celery", "kombu", "subprocess", "socket", "flower", "prometheus_client"}
 MAX_LINES = 600
 LONG_ALLOWED = {"replq.calendar"}  # the faithful port of systemd's calendar code
