@@ -8,6 +8,7 @@
     ├── JobRefused                  a run cannot start: wrong node, disabled, start <= last_sync
     ├── StorageUnavailable          a volume's storage is missing or disabled on the target
     ├── PlanError                   the plan refuses before anything is touched (plan.py)
+    ├── Diverged                    a target changed since the common base, or is not this job's replica
     │   ├── NoCommonBase, NoReplicatableVolumes, LocalFileVolume,
     │   └── SourceVolumeMissing, SnapshotExists
     ├── HostKeyMismatch             the node's SSH host key is not the pinned one
@@ -116,6 +117,12 @@ class SourceVolumeMissing(PlanError):
 class SnapshotExists(PlanError):
     def __init__(self, dataset: str, name: str) -> None:
         super().__init__(f"snapshot '{dataset}@{name}' already exists")
+
+
+class Diverged(ReplqError):
+    """A receive would destroy data on the target (SPEC §10): it was written after the common base,
+    holds newer snapshots, is the guest's live disk or another guest's or job's. Nothing was changed;
+    the message names node, dataset and how much would be lost."""
 
 
 # ---- outside systems -------------------------------------------------------------------------

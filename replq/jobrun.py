@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from replq import jobstate, ssh, transfer, zfs
+from replq import guard, jobstate, ssh, transfer, zfs
 from replq import plan as planner
 from replq.context import ssh_key_path
 from replq.direction import lazy_switch
@@ -66,6 +66,7 @@ class JobRun:
         task_id: str | None = None,
         take_lock: bool = True,
         lease: Lease | None = None,
+        discard: bool = False,
         key_path: str | os.PathLike | None = None,
         cancel: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
@@ -83,6 +84,9 @@ class JobRun:
         # The locks this run works under (its guest lock, or the caller's: migrate), checked before
         # every destructive step (fence).
         self.lease = lease
+        # --discard-target-changes: a diverged target is kept aside (renamed) instead of refusing.
+        self.discard = discard
+        self.kept: list[str] = []  # `node:dataset` of each diverged state kept by this run
         self.key_path = key_path
         self.cancel = cancel
         self.clock = clock
@@ -104,8 +108,8 @@ class JobRun:
     def sibling(self, cls: type[JobRun]) -> Any:
         """The same job on the same terms as another kind of run (a run that turns out to be a removal)."""
         other = cls(self.store, self.job_id, self.node, echo=self.echo, worker=self.worker, task_id=self.task_id,
-                    take_lock=self.take_lock, lease=self.lease, key_path=self.key_path, cancel=self.cancel,
-                    clock=self.clock,
+                    take_lock=self.take_lock, lease=self.lease, discard=self.discard, key_path=self.key_path,
+                    cancel=self.cancel, clock=self.clock,
                     local=self._local_runner, connect=self._connect_node, send=self.send)
         other.switched = self.switched
         return other
@@ -125,6 +129,11 @@ class JobRun:
             # The guest was moved (guest move, HA) since the job's last run: switch its direction
             # first, so the live volume is the source and the old node becomes the target (SPEC §6).
             job, note = lazy_switch(self.store, job, guest, persist=persist)
+            if note and persist:
+                # Its disks here are the live ones now (guest move marks them too, when it can reach
+                # this node): otherwise the next run would find its source marked as a replica.
+                volumes, _ = self.volumes(guest)
+                guard.mark_live(self.local, [v.dataset for v in volumes], guest.vmid, int(self.clock()), self.log)
             self.switched = note or self.switched
         return job, guest
 

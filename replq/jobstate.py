@@ -60,8 +60,9 @@ def record_sync_end(store: Any, job_id: str, start: int) -> None:
 
 
 def record_job_end(store: Any, job_id: str, *, error: str | None, duration: float, bytes: int = 0,
-                   storeids: list[str] | None = None) -> JobState:
-    """The run ended: success (error None) clears the error state, a failure counts."""
+                   storeids: list[str] | None = None, kept: list[str] | None = None) -> JobState:
+    """The run ended: success (error None) clears the error state, a failure counts. `kept` names
+    the diverged states a --discard-target-changes run kept aside (shown by status until replaced)."""
     with contextlib.suppress(Exception):  # progress is advisory; the state write below is not
         store.set_progress(job_id, None)
     fields: dict[str, Any] = {"duration": duration, "bytes": bytes, "worker": None, "task_id": None}
@@ -69,6 +70,8 @@ def record_job_end(store: Any, job_id: str, *, error: str | None, duration: floa
         fields.update(fail_count=0, error=None)
         if storeids is not None:
             fields["storeid_list"] = storeids
+        if kept:
+            fields["kept"] = kept
         return store.update_state(job_id, **fields)
     return store.update_state(job_id, failed=True, error=one_line(error), **fields)
 
@@ -148,6 +151,8 @@ def status_row(job: Job, state: JobState, next_sync: float | None) -> dict[str, 
            "last_sync": state.last_sync or None, "last_try": state.last_try or None, "next_sync": next_sync,
            "duration": state.duration, "fail_count": state.fail_count, "error": state.error,
            "state": state_text(state), "bytes": state.bytes}
+    if state.kept:
+        row["kept"] = state.kept
     if running(state):
         row["progress"] = state.progress
     return row

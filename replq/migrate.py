@@ -209,6 +209,13 @@ def migrate(store: Any, vmid: int | str, target: str, node: str, *, echo: Callab
                                           f"the guest stays on node '{node}'")  # fmt: skip
                 res.bytes += run.bytes
             _copy_and_move(store, res, copy, local, remote, conn, say, lease)
+            # The disks on the target are the guest's live ones now, writable; the old node's
+            # replicated disks are the replica of the job that targets it now (SPEC §10 markers).
+            since = int(time.time())
+            guard.mark_live(remote, [v.dataset for v in volumes], vmid, since, say)
+            if job is not None:
+                for ds in sorted(replicated):
+                    guard.mark_replica(local, ds, vmid, job.id, target, say)
         finally:
             conn.close()
     res.duration = round(time.monotonic() - t0, 3)
@@ -306,6 +313,7 @@ class MoveResult:
     forced: bool
     reason: str | None  # why the old node was considered alive (when forced)
     jobs: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -334,12 +342,34 @@ def guest_move(store: Any, vmid: int | str, to: str, force: bool = False, *, red
         lease.check(f"moving guest {vmid} to {to}")
         store.set_guest_node(vmid, to)
     res = MoveResult(vmid=vmid, source=old, target=to, forced=force, reason=alive)
+    _mark_live(store, guest, to, key_path, res.warnings.append)
     for job in store.list_jobs(vmid):
         # What the job will do at its next run (lazy_switch), and how old the data on `to` is.
         target = (job.source or old) if job.target == to else job.target
         res.jobs.append({"id": job.id, "source": to, "target": target, "last_sync": store.get_state(job.id).last_sync
                          or None})  # fmt: skip
     return res
+
+
+def _mark_live(store: Any, guest: Any, to: str, key_path: Any, warn: Callable[[str], None]) -> None:
+    """The replicas on `to` are the guest's live disks now: writable, marked live (best effort: the
+    first run from `to` marks them too)."""
+    volumes = _local_volumes(guest, {s.id: s for s in store.list_storages()}, to, "move")
+    if not volumes:
+        return
+    try:
+        conn = connect(store, to, key_path, timeout=SSH_PROBE_TIMEOUT)
+    except (NodeUnreachable, ConnectionLost, HostKeyMismatch) as exc:
+        warn(f"could not make the disks on '{to}' writable: {exc}; its first replication run does")
+        return
+    try:
+        z = zfs.Zfs(conn, side="target", timeout=CLEANUP_STEP)
+        there = z.list(sorted({v.pool for v in volumes}))
+        guard.mark_live(z, [v.dataset for v in volumes if v.dataset in there], guest.vmid, int(time.time()), warn)
+    except ReplqError as exc:
+        warn(f"could not make the disks on '{to}' writable: {exc}; its first replication run does")
+    finally:
+        conn.close()
 
 
 def _check_replicas(store: Any, guest: Any, to: str, key_path: Any) -> None:

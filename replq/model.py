@@ -512,6 +512,8 @@ class JobState:
     task_id: str | None = None
     bytes: int = 0
     progress: dict | None = None
+    # `node:dataset` of the diverged states the last --discard-target-changes run kept aside
+    kept: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -546,6 +548,10 @@ def check_state_fields(values: dict[str, Any], *, allow_runtime: bool = True) ->
             if not isinstance(value, list):
                 raise ValidationError(f"storeid_list: expected a list, got {show(value)}")
             out[key] = [check_storage_id(v) for v in value]
+        elif key == "kept":
+            if not isinstance(value, list) or not all(isinstance(v, str) and 0 < len(v) <= 300 for v in value):
+                raise ValidationError(f"kept: expected a list of node:dataset names, got {show(value)}")
+            out[key] = [_clean(v, "kept") for v in value]
         elif allow_runtime and key in ("worker", "task_id"):
             out[key] = None if value is None else _clean(value, key)[:200]
         elif allow_runtime and key == "progress":

@@ -23,7 +23,7 @@ import contextlib
 import time
 from typing import Any
 
-from replq import guard, jobstate, transfer, zfs
+from replq import guard, jobstate, safety, transfer, zfs
 from replq import plan as planner
 from replq.errors import (
     ConnectionLost,
@@ -116,6 +116,7 @@ class Replication(JobRun):
         t0 = time.monotonic()
         start = int(self.clock())
         state = self.store.get_state(self.job_id)
+        self.discard = self.store.take_discard(self.job_id) or self.discard  # `run --discard-target-changes`
         jobstate.record_job_start(self.store, self.job_id, start, self.node, self.worker, self.task_id)
         self.log("start replication job")
         if self.switched:
@@ -146,7 +147,7 @@ class Replication(JobRun):
         result.ok = True
         result.duration = round(time.monotonic() - t0, 6)
         jobstate.record_job_end(self.store, self.job_id, error=None, duration=result.duration, bytes=result.bytes,
-                                storeids=storeids)
+                                storeids=storeids, kept=self.kept or None)
         if job.source is None:
             # First run: remember where the guest lived (a later difference means it was moved;
             # the direction switch of SPEC §6 is migrate's business, so only an unset source is filled).
@@ -172,8 +173,21 @@ class Replication(JobRun):
         remote = self.connect(job)
         source, target = self._listings(job, state, volumes, storages)
         self._check_target_storages(job, volumes, storages, target)
-        # 5. plan (raises before anything is touched)
+        # 5. plan (raises before anything is touched), then make sure no receive destroys data (SPEC §10)
         p = planner.make_plan(self.job_id, guest.vmid, start, last_sync or None, volumes, source, target)
+        guard.check_source(self.local, [vp.dataset for vp in p.volumes], guest.vmid)
+        # A snapshot of this job newer than its last sync on the target is a receive that committed
+        # while its run failed, harmless only if that run was sent from here (SPEC §5 step 7).
+        unacked = last_sync if state.last_node == self.node and not self.switched else None
+        found = guard.assess(remote, self.local, p, source, target, guest.vmid, start, unacked)
+        if found and not self.discard:
+            raise guard.refuse(found, self.job_id)
+        for d in found:  # the operator accepted the loss: keep each diverged state aside, send in full
+            self.fence(f"keeping the diverged state of {d.dataset} on {job.target}")
+            self.kept.append(f"{job.target}:{guard.keep_diverged(remote, d, self.job_id, start, self.log)}")
+            target = {ds: snaps for ds, snaps in target.items() if ds != d.dataset}
+        if found:
+            p = planner.make_plan(self.job_id, guest.vmid, start, last_sync or None, volumes, source, target)
         result.plan = p.as_dict()
         # pvesr's target side (prepare-local-job), in its words
         for vp in p.volumes:
@@ -188,7 +202,11 @@ class Replication(JobRun):
                 self.fence(f"deleting '{vp.dataset}@{name}' on {job.target}")
                 self.log(f"(remote_prepare_local_job) delete stale replication snapshot '{name}' on {vp.volume.volid}")
                 remote.destroy_snapshot(vp.dataset, name)
-        for ds in p.remove_target_volumes:
+        for ds, m in guard.markers(remote, p.remove_target_volumes).items():
+            keep = safety.removal_refusal(m, guest.vmid, self.job_id)
+            if keep:
+                self.log(f"keep volume '{ds}' on {job.target} (no longer replicated): {keep}")
+                continue
             self.fence(f"deleting '{ds}' on {job.target}")
             self.log(f"(remote_prepare_local_job) {self.job_id}: delete stale volume '{self.volid(ds)}'")
             remote.destroy_dataset(ds)
@@ -304,6 +322,7 @@ class Replication(JobRun):
             if self._undo_target(job, vp, snap, exc):
                 self.keep_new.add(vp.dataset)
             raise
+        guard.mark_replica(self.remote, vp.dataset, job.guest, self.job_id, self.node, self.log)
         dt = time.monotonic() - t0
         progress.done += sent
         progress.current = 0

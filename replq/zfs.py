@@ -10,9 +10,10 @@ OpenZFS. Error text is mapped to typed errors with operator-facing messages.
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +40,9 @@ DATASET_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 SNAPNAME_RE = re.compile(rf"^{_COMPONENT}$")
 MAX_NAME = 255
 BUSY_WAIT = 6.0  # seconds to retry a destroy/rollback refused with "dataset is busy"
+# An incremental stream of a dataset without changes: its BEGIN and END records (312 bytes each
+# in zfs-fuse's stream format, measured on the sandbox); anything more is a change.
+EMPTY_INCREMENTAL = 624
 
 
 # ---------------------------------------------------------------------------------- names
@@ -70,9 +74,13 @@ def list_argv(roots: Iterable[str]) -> list[str]:
             *(validate_dataset(r) for r in roots)]  # fmt: skip
 
 
-def get_argv(props: Sequence[str], targets: Iterable[str]) -> list[str]:
+PROPERTY_RE = re.compile(rf"[a-z][a-z0-9_]*(?::[a-z][a-z0-9_-]*|@{_COMPONENT})?")  # native, `replq:x`, `written@snap`
+VALUE_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")  # the values replq sets: numbers, names, ids
+
+
+def get_argv(props: Sequence[str], targets: Iterable[str], columns: str = "name,property,value") -> list[str]:
     for p in props:
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", p):
+        if not PROPERTY_RE.fullmatch(p):
             raise ValidationError(f"invalid ZFS property {p!r}")
     names = []
     for t in targets:
@@ -81,7 +89,7 @@ def get_argv(props: Sequence[str], targets: Iterable[str]) -> list[str]:
             names.append(snapshot_ref(ds, snap))
         else:
             names.append(validate_dataset(t))
-    return [ZFS, "get", "-Hp", "-o", "name,property,value", ",".join(props), "--", *names]
+    return [ZFS, "get", "-Hp", "-o", columns, ",".join(props), "--", *names]
 
 
 def snapshot_argv(dataset: str, snap: str) -> list[str]:
@@ -118,6 +126,36 @@ def recv_argv(dataset: str, incremental: bool = True) -> list[str]:
     instead of overwriting it."""
     force = ["-F"] if incremental else []
     return [ZFS, "recv", *force, "--", validate_dataset(dataset)]
+
+
+def set_props_argv(dataset: str, props: Mapping[str, str], clear: Sequence[str] = ()) -> list[str]:
+    """Set properties and clear (inherit) others in one command on the node: zfs-fuse's `zfs set`
+    takes one property at a time, so it is a `sh -c` of one zfs command per property, every word
+    validated and quoted."""
+    ds = validate_dataset(dataset)
+    steps = []
+    for key, value in props.items():
+        if not PROPERTY_RE.fullmatch(key) or not VALUE_RE.fullmatch(value):
+            raise ValidationError(f"invalid ZFS property setting {key}={value!r}")
+        steps.append(shlex.join([ZFS, "set", f"{key}={value}", ds]))
+    for key in clear:
+        if not PROPERTY_RE.fullmatch(key):
+            raise ValidationError(f"invalid ZFS property {key!r}")
+        steps.append(shlex.join([ZFS, "inherit", key, ds]))
+    return ["sh", "-c", " && ".join(steps)]
+
+
+def measure_argv(dataset: str, base: str, snap: str) -> list[str]:
+    """Bytes of the incremental stream base → snap, counted on the node (`zfs send -i … | wc -c`)."""
+    send = [ZFS, "send", "-i", snapshot_ref(dataset, base), snapshot_ref(dataset, snap)]
+    return ["sh", "-c", f"{shlex.join(send)} | wc -c"]
+
+
+def rename_argv(dataset: str, new: str) -> list[str]:
+    """Rename an unmounted dataset (zfs-fuse refuses a mounted one as busy), then mount it again."""
+    old, new = validate_dataset(dataset), validate_dataset(new)
+    return ["sh", "-c", " && ".join([shlex.join([ZFS, "umount", old]), shlex.join([ZFS, "rename", old, new]),
+                                     shlex.join([ZFS, "mount", new])])]
 
 
 def send_estimate_argv(dataset: str, snap: str, base: str | None = None) -> list[str]:
@@ -276,6 +314,7 @@ class LocalRunner:
 class Features:
     send_estimate: bool  # zfs send -nvP
     resume_tokens: bool  # receive_resume_token / send -t
+    written: bool = False  # the written@snapshot property (OpenZFS; not zfs-fuse)
 
 
 class Zfs:
@@ -316,7 +355,9 @@ class Zfs:
             estimate = "invalid option" not in res.stderr and res.returncode in (0, 1, 2)
             res = self.runner.run([ZFS, "get", "-H", "-o", "value", "receive_resume_token", "--", "-nonexistent"])
             resume = "invalid property" not in res.stderr and "bad property list" not in res.stderr
-            self._features = Features(send_estimate=estimate, resume_tokens=resume)
+            res = self.runner.run([ZFS, "get", "-H", "-o", "value", "written", "--", "-nonexistent"])
+            written = "invalid property" not in res.stderr and "bad property list" not in res.stderr
+            self._features = Features(send_estimate=estimate, resume_tokens=resume, written=written)
         return self._features
 
     def list(self, roots: Iterable[str], timeout: float | None = None) -> dict[str, list[Snapshot]]:
@@ -342,6 +383,47 @@ class Zfs:
     def get(self, props: Sequence[str], targets: Iterable[str]) -> dict[str, dict[str, str]]:
         res = self._run(get_argv(props, targets), "reading ZFS properties")
         return parse_get(res.stdout)
+
+    def local_props(self, props: Sequence[str], datasets: Sequence[str]) -> dict[str, dict[str, str]]:
+        """{dataset: {property: value}} of the properties set on this node itself (not inherited,
+        not received with a stream); a dataset with none maps to {}."""
+        if not datasets:
+            return {}
+        res = self._run(get_argv(props, datasets, "name,property,value,source"), "reading ZFS properties")
+        out: dict[str, dict[str, str]] = {ds: {} for ds in datasets}
+        for line in res.stdout.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 4 and parts[3] == "local":
+                out.setdefault(parts[0], {})[parts[1]] = parts[2]
+        return out
+
+    def set_props(self, dataset: str, props: Mapping[str, str], clear: Sequence[str] = (),
+                  timeout: float | None = None) -> None:
+        self._run(set_props_argv(dataset, props, clear), f"setting properties of '{dataset}'", timeout=timeout,
+                  busy_wait=BUSY_WAIT)
+
+    def rename(self, dataset: str, new: str) -> None:
+        self._run(rename_argv(dataset, new), f"renaming '{dataset}' to '{new}'", busy_wait=BUSY_WAIT)
+
+    def changed_since(self, dataset: str, chain: Sequence[str], check: str) -> int:
+        """Bytes written to `dataset` since its snapshot chain[0], in the later snapshots chain[1:]
+        (consecutive, oldest first) and in its present state; 0: unchanged. With `written` (OpenZFS)
+        zfs says. zfs-fuse lacks it, so a snapshot `check` of the present state is taken, the
+        incremental stream of each step of the chain is counted, and the snapshot is destroyed."""
+        if self.features().written:
+            last = chain[-1]
+            props = self.get(["written"], [f"{dataset}@{s}" for s in chain[1:]]) if chain[1:] else {}
+            head = self.get([f"written@{last}"], [dataset])[dataset].get(f"written@{last}")
+            return sum(_int(p.get("written"), n) for n, p in props.items()) + _int(head, dataset)
+        self.snapshot(dataset, check)
+        try:
+            total = 0
+            for a, b in zip(chain, [*chain[1:], check], strict=True):
+                res = self._run(measure_argv(dataset, a, b), f"measuring the changes of '{dataset}'")
+                total += max(0, _int(res.stdout.strip(), dataset) - EMPTY_INCREMENTAL)
+        finally:
+            self.destroy_snapshot(dataset, check)
+        return total
 
     def guids(self, dataset_snaps: Sequence[str]) -> dict[str, int]:
         """The guid of each `dataset@snap`."""

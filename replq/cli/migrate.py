@@ -65,4 +65,5 @@ def guest_move_cmd(env: Env, vmid: str, to: str, force: bool, output_format: str
     for j in res.jobs:
         lines.append(f"job {j['id']}: next run replicates {j['source']} => {j['target']} "
                      f"(last sync {_when(j['last_sync'])})")  # fmt: skip
+    lines += [f"warning: {w}" for w in res.warnings]
     emit(res.as_dict(), output_format, "\n".join(lines))

@@ -44,18 +44,22 @@ def _plan_text(plan: dict[str, Any]) -> str:
 @click.option("--dry-run", is_flag=True, help="Print the plan (full/incremental, base, size); change nothing.")
 @click.option("--verbose", is_flag=True, help="Print the replication log's messages while running (with --local).")
 @click.option("--mail", is_flag=True, help="Call the failure notification hook for a job that fails (not with --id).")
+@click.option("--discard-target-changes", "discard", is_flag=True,
+              help="If the target diverged, keep its state aside (renamed, never deleted) and replicate anyway.")
 @output_option
 @pass_env
 def run_cmd(env: Env, job_id: str | None, local: bool, no_wait: bool, dry_run: bool, verbose: bool, mail: bool,
-            output_format: str) -> None:  # fmt: skip
+            discard: bool, output_format: str) -> None:  # fmt: skip
     """Run a replication job now (pvesr run); without --id, every job that is due."""
     # The engine imports paramiko, the runtime Celery (~0.3 s each): only what this run needs.
     if mail and job_id:
         raise click.UsageError("Mail and id are mutually exclusive!")  # pvesr's words
-    if (local or dry_run) and not job_id:
-        raise click.UsageError("--local and --dry-run need --id")
+    if (local or dry_run or discard) and not job_id:
+        raise click.UsageError("--local, --dry-run and --discard-target-changes need --id")
     if local and dry_run:
         raise click.UsageError("--local and --dry-run exclude each other")
+    if discard and dry_run:
+        raise click.UsageError("--discard-target-changes and --dry-run exclude each other")
     if job_id is not None:
         parse_job_id(job_id)
     store = env.store()
@@ -67,17 +71,24 @@ def run_cmd(env: Env, job_id: str | None, local: bool, no_wait: bool, dry_run: b
         emit(plan, output_format, lambda: _plan_text(plan))
         return
     if not local:
-        from replq.dispatch import run_remote
+        from replq.dispatch import queued_ttl, run_remote
+
+        if discard:
+            assert job_id is not None
+            store.get_job(job_id)
+            store.request_discard(job_id, queued_ttl())
 
         # Enqueue to the worker of the guest's node and follow it (the exit code is the job's result).
-        sys.exit(run_remote(store, [job_id] if job_id else None, wait=not no_wait, redis_url=env.redis_url,
-                            mail=mail))
+        code = run_remote(store, [job_id] if job_id else None, wait=not no_wait, redis_url=env.redis_url, mail=mail)
+        if discard and not no_wait:
+            store.take_discard(job_id)  # not taken by a run (no worker, refused): it must not linger
+        sys.exit(code)
     assert job_id is not None
     from replq.replicate import run_job
 
     # pvesr run --verbose prints the log's messages without their time and job prefix.
     echo = (lambda line: click.echo(line.split(": ", 1)[-1], err=output_format != "text")) if verbose else None
-    result = run_job(store, job_id, env.node, echo=echo)
+    result = run_job(store, job_id, env.node, echo=echo, discard=discard)
     data = {
         "id": result.job_id,
         "ok": result.ok,

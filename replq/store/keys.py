@@ -24,6 +24,7 @@ Only the store package knows Redis keys. Key layout (prefix P, default "replq:")
                                   engine's hold a fencing token `<P fence>:<random>` (locks.py)
     P fence                 str   counter of fencing tokens
     P heartbeats            hash  node -> epoch of its worker's last heartbeat
+    P discard:<id>          str   `run --discard-target-changes` asked for the job's next run (expires)
 
 All values are JSON.
 """

@@ -111,6 +111,17 @@ class RuntimeStore(StoreBase):
         """The task id the job is queued with, if any."""
         return self.redis.get(self.k("lock", "queued", job_id))
 
+    # ---- --discard-target-changes for a job's next run ---------------------------------------
+    def request_discard(self, job_id: str, ttl: float) -> None:
+        """The job's next run (on whichever node's worker) may keep a diverged target aside and
+        replicate anyway; the request expires after `ttl` seconds if no run takes it."""
+        parse_job_id(job_id)
+        self.redis.set(self.k("discard", job_id), "1", px=int(ttl * 1000))
+
+    def take_discard(self, job_id: str) -> bool:
+        """Whether --discard-target-changes was asked for this run (the request is used up)."""
+        return bool(self.redis.getdel(self.k("discard", job_id)))
+
     def fencing_token(self) -> str:
         """A new lock token: an increasing counter (orders holders) and a random part (keeps two
         holders distinct even if a failover lost counter increments)."""

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from replq.sandbox import Sandbox
-from tests.support.cluster import POOL, MiB, Nodes, snap
+from tests.support.cluster import MOUNT, POOL, MiB, Nodes, snap
 
 pytestmark = pytest.mark.sandbox
 
@@ -68,6 +68,12 @@ def test_migrate_to_replication_target_sends_delta_and_switches(nodes: Nodes) ->
     assert nodes.store.redis.sismember(nodes.store.k("nodetargets", "node1"), "701-0")
     assert not nodes.store.redis.sismember(nodes.store.k("nodetargets", "node2"), "701-0")
 
+    # The old node's copy is the job's read-only replica now; node2's is the writable live disk.
+    probe = nodes.sb.exec("node1", ["touch", f"{MOUNT}/{ds.rsplit('/', 1)[1]}/probe"], timeout=60)
+    assert probe.returncode != 0 and "Read-only file system" in probe.stderr, probe.stderr
+    marks = nodes.sh("node1", f"zfs get -H -o property,value,source replq:role,replq:job,replq:source {ds}")
+    assert marks.split() == ["replq:role", "replica", "local", "replq:job", "701-0", "local",
+                             "replq:source", "node2", "local"], marks
     # Now it replicates node2 → node1, incrementally: about the 3 MiB written on node2.
     assert "lives on node 'node2'" in nodes.refused("node1", "run", "--id", "701-0", "--local")
     nodes.write("node2", ds, "after", 3)
@@ -235,18 +241,35 @@ def test_node_failure_guest_move_and_lazy_switch(nodes: Nodes) -> None:
         assert nodes.snapshots("node2", ds) == [base]  # the common base was not touched
     finally:
         nodes.sb.start_node("node1")
-    # Even with its state lost (pvesr keeps it per node), the job finds the common base.
+    # node1 is back with `lost`, written after the common base: never rolled back (SPEC §10), even
+    # with the job's state lost (pvesr keeps it per node; the base is found by name and guid).
     nodes.store.replace_states({"705-0": {}})
+    on_node1 = nodes.checksum("node1", ds)
+    assert "./lost" in on_node1
     time.sleep(1)
-    nodes.run("705-0", "node2")
+    err = nodes.refused("node2", "run", "--id", "705-0", "--local")
+    assert f"diverged: '{ds}' on node 'node1' was written after the common base {base}" in err, err
+    assert "(1.0 MiB would be lost by rolling it back)" in err and nodes.checksum("node1", ds) == on_node1
+    # The operator accepts it: node1's state is kept aside, then node1 gets node2's data.
+    r = nodes.ok("node2", "run", "--id", "705-0", "--local", "--discard-target-changes")
     st = nodes.store.get_state("705-0")
-    assert st.fail_count == 0 and 3 * MiB <= st.bytes < 5 * MiB, st.bytes
-    log = nodes.store.read_log("705-0")
-    assert any(f"({base} => " in line and "incremental sync '" in line for line in log), log
-    assert any(f"subvol-705-disk-0: no last sync recorded: incremental from the newest common replication "
-               f"snapshot {base}" in line for line in log), log
+    (kept,) = st.kept
+    assert kept.startswith("node1:") and nodes.checksum("node1", kept.split(":", 1)[1]) == on_node1
     assert nodes.checksum("node2", ds) == keep == nodes.checksum("node1", ds)  # nothing of node2's lost
     assert nodes.snapshots("node1", ds) == nodes.snapshots("node2", ds) == [snap("705-0", st.last_sync)]
+    # From here on incremental, and with the state lost again the job finds the common base.
+    nodes.store.replace_states({"705-0": {}})
+    nodes.write("node2", ds, "more", 3)
+    time.sleep(1)
+    nodes.run("705-0", "node2")
+    st2 = nodes.store.get_state("705-0")
+    assert st2.fail_count == 0 and 3 * MiB <= st2.bytes < 5 * MiB, st2.bytes
+    log = nodes.store.read_log("705-0")
+    base2 = snap("705-0", st.last_sync)
+    assert any(f"({base2} => " in line and "incremental sync '" in line for line in log), log
+    assert any(f"subvol-705-disk-0: no last sync recorded: incremental from the newest common replication "
+               f"snapshot {base2}" in line for line in log), log
+    assert nodes.checksum("node2", ds) == nodes.checksum("node1", ds)
 
 
 def test_guest_move_force(nodes: Nodes) -> None:
@@ -261,21 +284,25 @@ def test_guest_move_force(nodes: Nodes) -> None:
 
 
 def _failover_with_two_jobs(nodes: Nodes, vmid: int) -> tuple[str, str]:
-    """Guest on node1 with jobs -0 to node2 and -1 to node3, -1 synced later than -0; node1
-    fails and the guest is moved to node2. Returns (dataset, the one snapshot node2 and node3 share)."""
+    """Guest on node1 with jobs -0 to node2 and -1 to node3, -1 synced later than -0 (nothing
+    written in between); node1 fails and the guest is moved to node2. Returns (dataset, the one
+    snapshot node2 and node3 share).
+
+    `guest move` cannot see that node3's later sync holds nothing new, so it refuses without
+    --force (node3 holds the newer replica, SPEC §6); with data written in between the jobs would
+    refuse to roll node3 and node1 back (tests/cluster/test_failure_safety.py)."""
     (ds,) = nodes.guest(vmid, "node1", mb=4)
     nodes.job(f"{vmid}-0", "node2")
     nodes.job(f"{vmid}-1", "node3")
     nodes.run(f"{vmid}-0", "node1")
     shared = snap(f"{vmid}-0", nodes.store.get_state(f"{vmid}-0").last_sync)
     nodes.run(f"{vmid}-1", "node1")
-    nodes.write("node1", ds, "x", 1)
     time.sleep(1)
-    nodes.run(f"{vmid}-1", "node1")  # node3 is newer than node2 now; only `shared` is on both
+    nodes.run(f"{vmid}-1", "node1")  # node3 synced later than node2; only `shared` is on both
     assert nodes.snapshots("node2", ds) == [shared] and shared in nodes.snapshots("node3", ds)
     try:
         nodes.sb.stop_node("node1")
-        nodes.ok("node2", "guest", "move", str(vmid), "--to", "node2")
+        nodes.ok("node2", "guest", "move", str(vmid), "--to", "node2", "--force")
     finally:
         nodes.sb.start_node("node1")
     return ds, shared
@@ -284,7 +311,8 @@ def _failover_with_two_jobs(nodes: Nodes, vmid: int) -> tuple[str, str]:
 def test_after_failover_every_job_of_the_guest_keeps_a_common_base(nodes: Nodes) -> None:
     """Jobs to node2 and node3; node1 fails after 708-1 synced later than 708-0. The guest moves to
     node2; 708-0 runs first from there, and must not delete the one snapshot node2 shares with
-    node3 (708-1's base now): both jobs go on incrementally, all three copies end up identical."""
+    node3 (708-1's base now): both jobs go on incrementally, all three copies end up identical
+    (the later syncs on node1 and node3 held nothing new, so they go with the rollback)."""
     ds, shared = _failover_with_two_jobs(nodes, 708)
     nodes.write("node2", ds, "y", 2)
     time.sleep(1)

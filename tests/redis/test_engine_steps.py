@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from replq import jobstate
 from replq.model import Disk, Guest, Job, Node, Storage, snapshot_name
 from replq.replicate import Replication
 from replq.store import Store
@@ -43,6 +44,8 @@ class Engine:
         out = []
         for who, argv in self.order:
             words = [a for a in argv[1:] if a != "--"]
+            if "__replq_check_" in words[-1]:
+                continue  # the divergence check's own snapshot (test_the_target_is_checked_before_anything)
             if words[0] in ("snapshot", "destroy", "rollback") or who == "transfer":
                 out.append(f"{who} {words[0]} {words[-1]}")
         return out
@@ -284,3 +287,99 @@ def test_log_of_a_fallback_base(engine: Engine) -> None:
     assert engine.run(3_000).ok
     assert any(line.endswith(f"{V0}: no last sync recorded: incremental from the newest common replication "
                              f"snapshot {snap(2_000)}") for line in engine.echoed)
+
+
+# ---- a target that diverged is never rolled back (SPEC §10, issue 11 §1) ----------------------------
+
+
+def test_every_receive_leaves_a_read_only_replica_marked_with_guest_job_and_source(engine: Engine) -> None:
+    assert engine.run(1_000).ok
+    for ds in (D0, D1):
+        assert engine.dst.props[ds] == {"readonly": "on", "replq:guest": "100", "replq:role": "replica",
+                                        "replq:job": "100-0", "replq:source": "node1"}
+
+
+def test_the_target_is_checked_before_anything_is_touched(engine: Engine) -> None:
+    engine.run(1_000)
+    engine.run(2_000)
+    checks = [i for i, (who, argv) in enumerate(engine.order) if who == "node2" and "__replq_check_" in argv[-1]]
+    first_change = min(i for i, (who, argv) in enumerate(engine.order)
+                       if who == "transfer" or argv[1] in ("snapshot", "destroy", "rollback")
+                       and "__replq_check_" not in argv[-1])
+    assert checks and max(checks) < first_change
+    assert all("__replq_check_" not in s.name for ds in (D0, D1) for s in engine.dst.datasets[ds])
+
+
+def test_a_target_written_after_the_base_is_refused_untouched(engine: Engine) -> None:
+    engine.run(1_000)
+    engine.dst.write(D1, 5000)  # a guest started on the replica by mistake
+    res = engine.run(2_000)
+    assert not res.ok and res.error.startswith("diverged: ")
+    assert f"'{D1}' on node 'node2' was written after the common base {snap(1_000)}" in res.error
+    assert "(4.9 KiB would be lost by rolling it back)" in res.error and "--discard-target-changes" in res.error
+    assert engine.steps() == []  # no snapshot, no send, no destroy
+    assert engine.dst.names(D1) == [snap(1_000)] and engine.dst.dirty[D1] == 5000
+    st = engine.store.get_state("100-0")
+    assert st.fail_count == 1 and st.last_sync == 1_000 and "diverged" in st.error
+
+
+def test_discard_target_changes_keeps_the_diverged_state_aside_and_sends_in_full(engine: Engine) -> None:
+    engine.run(1_000)
+    engine.dst.write(D1, 5000)
+    assert not engine.run(2_000).ok
+    engine.now = 3_000
+    res = Replication(engine.store, "100-0", "node1", local=engine.src, connect=lambda node: engine.dst,
+                      send=engine.transfer, clock=lambda: 3_000, discard=True).run()
+    assert res.ok, res.error
+    kept = f"{POOL}/replq-diverged-subvol-100-disk-1-3000"
+    assert engine.dst.names(kept) == [snap(1_000)] and engine.dst.dirty[kept] == 5000  # the state, as it was
+    assert engine.dst.props[kept]["readonly"] == "on"
+    sends = {argv[-1].split("@")[0]: "-I" in argv for argv, _ in engine.transfer.sends[-2:]}
+    assert sends == {D0: True, D1: False}  # D0 incremental as usual, D1 in full
+    st = engine.store.get_state("100-0")
+    assert st.kept == [f"node2:{kept}"]
+    assert jobstate.status_row(engine.store.get_job("100-0"), st, None)["kept"] == [f"node2:{kept}"]  # status JSON
+    assert f"kept the diverged state of '{D1}' on node2 as '{kept}'" in "\n".join(engine.store.read_log("100-0"))
+    assert engine.run(4_000).ok and kept in engine.dst.datasets  # never deleted by replq
+
+
+def test_a_receive_that_committed_while_its_run_failed_is_not_divergence(engine: Engine) -> None:
+    """The stall case: zfs recv committed the new snapshot on node2, the run failed and deleted it
+    here. The next run rolls node2 back to the base without calling that a divergence."""
+    engine.run(1_000)
+    engine.dst.datasets[D0].append(Snap(snap(1_500), 4242, 1_500, written=9000))
+    engine.dst.datasets[D1].append(Snap(snap(1_500), 4243, 1_500, written=9000))
+    assert engine.run(2_000).ok
+    assert engine.dst.names(D0) == [snap(2_000)]
+
+
+def test_a_target_snapshot_newer_than_the_base_is_divergence(engine: Engine) -> None:
+    """Data only node2 has, in a snapshot (another job's newer sync there, a manual snapshot)."""
+    engine.run(1_000)
+    engine.dst.datasets[D0].append(Snap("__replicate_100-1_1500__", 4242, 1_500, written=9000))
+    res = engine.run(2_000)
+    assert not res.ok and "holds data newer than the common base" in res.error, res.error
+    assert "__replicate_100-1_1500__" in res.error and engine.steps() == []
+
+
+@pytest.mark.parametrize(("markers", "why"), [
+    ({"replq:role": "live", "replq:guest": "100", "replq:since": "1500"}, "is marked as the guest's live disk"),
+    ({"replq:role": "replica", "replq:guest": "200", "replq:job": "200-0"}, "belongs to guest 200"),
+    ({"replq:role": "replica", "replq:guest": "100", "replq:job": "100-1"}, "is the replica of job 100-1"),
+])
+def test_a_target_marked_live_or_as_anothers_is_divergence(engine: Engine, markers: dict, why: str) -> None:
+    engine.run(1_000)
+    engine.dst.props[D0] = dict(markers)
+    res = engine.run(2_000)
+    assert not res.ok and why in res.error, res.error
+    assert engine.steps() == []
+
+
+def test_a_source_marked_as_a_replica_is_refused(engine: Engine) -> None:
+    """The store says the guest lives on node1, its disk there says it is node2's replica (Redis
+    restored from a backup older than a migration): replicating would run the wrong way."""
+    engine.run(1_000)
+    engine.src.props[D0] = {"replq:role": "replica", "replq:job": "100-0", "replq:source": "node2"}
+    res = engine.run(2_000)
+    assert not res.ok and "is marked as a replica of job 100-0 received from node 'node2'" in res.error
+    assert engine.steps() == []

@@ -83,3 +83,12 @@ def test_a_run_refuses_a_guest_registered_with_another_guests_volume(redis_url: 
     assert not res.ok and "belongs to guest 200, not 100" in (res.error or ""), res.error
     assert src.calls == [] or all(c[1] in ("get", "list") for c in src.calls)
     assert dst.calls == []
+
+
+def test_discard_target_changes_is_for_one_job_and_not_for_a_dry_run(redis_url: str) -> None:
+    assert "need --id" in refused("--redis", redis_url, "run", "--discard-target-changes", code=2)
+    assert "exclude each other" in refused("--redis", redis_url, "run", "--id", "100-0", "--dry-run",
+                                           "--discard-target-changes", code=2)
+    store = Store.from_url(redis_url)
+    store.request_discard("100-0", 60)
+    assert store.take_discard("100-0") and not store.take_discard("100-0")  # one run takes it

@@ -10,6 +10,7 @@ to another, or fails as a broken stream, a full pool or a lost connection would.
 from __future__ import annotations
 
 import itertools
+import shlex
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ class Snap:
     name: str
     guid: int
     creation: int
+    written: int = 0  # bytes written to the dataset between the previous snapshot and this one
 
 
 @dataclass
@@ -37,9 +39,20 @@ class FakeZfs:
     fail: dict[str, str] = field(default_factory=dict)  # argv prefix -> stderr of a failure
     clock: Callable[[], int] = lambda: 0
     log: list[tuple[str, list[str]]] | None = None  # shared with the other side: the global order
+    props: dict[str, dict[str, str]] = field(default_factory=dict)  # locally set properties per dataset
+    dirty: dict[str, int] = field(default_factory=dict)  # bytes written since the newest snapshot
 
     def run(self, argv: Sequence[str], timeout: float | None = None) -> subprocess.CompletedProcess:
         argv = list(argv)
+        if argv[:2] == ["sh", "-c"]:  # the few pipelines zfs.py builds: zfs commands joined by && or | wc -c
+            out = ""
+            for step in argv[2].split(" && "):
+                words = shlex.split(step.split(" | ")[0])
+                res = self.run(words, timeout)
+                if res.returncode != 0:
+                    return res
+                out = str(res.stdout) if " | wc -c" not in step else f"{len(res.stdout)}\n"
+            return subprocess.CompletedProcess(argv, 0, out, "")
         self.calls.append(argv)
         if self.log is not None:
             self.log.append((self.node, argv))
@@ -52,6 +65,10 @@ class FakeZfs:
         except KeyError as exc:
             return subprocess.CompletedProcess(argv, 1, "", f"cannot open '{exc.args[0]}': dataset does not exist")
         return subprocess.CompletedProcess(argv, 0, out, "")
+
+    def write(self, ds: str, n: int) -> None:
+        """A guest (or an operator) writes n bytes into the dataset's present state."""
+        self.dirty[ds] = self.dirty.get(ds, 0) + n
 
     def close(self) -> None:
         pass
@@ -66,33 +83,74 @@ class FakeZfs:
             ds, name = words[1].split("@")
             if any(s.name == name for s in self.datasets[ds]):
                 raise KeyError(words[1])
-            self.datasets[ds].append(Snap(name, next(_guids), self.clock()))
+            self.datasets[ds].append(Snap(name, next(_guids), self.clock(), self.dirty.pop(ds, 0)))
+            return ""
+        if verb == "set":
+            key, value = words[1].split("=", 1)
+            self.props.setdefault(self._ds(words[2]), {})[key] = value
+            return ""
+        if verb == "inherit":
+            self.props.setdefault(self._ds(words[2]), {}).pop(words[1], None)
+            return ""
+        if verb in ("umount", "mount"):
+            self._ds(words[1])
+            return ""
+        if verb == "rename":
+            old, new = self._ds(words[1]), words[2]
+            self.datasets[new] = self.datasets.pop(old)
+            self.props[new] = self.props.pop(old, {})
+            self.dirty[new] = self.dirty.pop(old, 0)
             return ""
         if verb == "destroy":
             if words[1] == "-r":
                 del self.datasets[words[2]]
                 return ""
             ds, name = words[1].split("@")
-            before = len(self.datasets[ds])
-            self.datasets[ds] = [s for s in self.datasets[ds] if s.name != name]
-            if len(self.datasets[ds]) == before:
+            snaps = self.datasets[ds]
+            i = next((i for i, s in enumerate(snaps) if s.name == name), None)
+            if i is None:
                 raise KeyError(words[1])
+            gone = snaps.pop(i)  # its changes now belong to the next snapshot, or to the present state
+            if i < len(snaps):
+                snaps[i].written += gone.written
+            else:
+                self.dirty[ds] = self.dirty.get(ds, 0) + gone.written
             return ""
         if verb == "rollback":
             ds, name = words[2].split("@")
             names = [s.name for s in self.datasets[ds]]
             self.datasets[ds] = self.datasets[ds][: names.index(name) + 1]
+            self.dirty.pop(ds, None)
             return ""
+        if verb == "send" and words[1] == "-i":  # the change measure: a stream of 624 bytes + what changed
+            ds, frm = words[2].split("@")
+            to = words[3].split("@")[1]
+            names = [s.name for s in self.datasets[ds]]
+            changed = sum(s.written for s in self.datasets[ds][names.index(frm) + 1: names.index(to) + 1])
+            return "x" * (624 + changed)
         if verb == "send":  # only the feature probe `send -nvP` without a snapshot reaches here
             raise KeyError("invalid option 'n'")
         raise AssertionError(f"fake zfs does not know {argv}")
 
+    def _ds(self, ds: str) -> str:
+        if ds not in self.datasets:
+            raise KeyError(ds)
+        return ds
+
     def _get(self, words: list[str]) -> str:
-        if "receive_resume_token" in words:
-            raise KeyError("bad property list: invalid property 'receive_resume_token'")
+        for unknown in ("receive_resume_token", "written"):
+            if unknown in words:
+                raise KeyError(f"bad property list: invalid property '{unknown}'")
         recursive = "-r" in words
+        columns = words[words.index("-o") + 1].split(",")
         props = words[words.index("-o") + 2].split(",")
         targets = words[words.index("-o") + 3:]
+        if "source" in columns:  # replq's markers: the locally set properties, "-" for the others
+            out = []
+            for t in targets:
+                have = self.props.get(self._ds(t), {})
+                out += [f"{t}\t{p}\t{have.get(p, '-')}\t{'local' if p in have else '-'}" for p in props]
+            return "\n".join(out) + "\n"
         lines = []
         for t in targets:
             for ds in sorted(self.datasets):
@@ -151,6 +209,7 @@ class FakeTransfer:
             raise NoSpace(f"no free space left on the replication target storage on node '{self.target.node}'")
         if kind == "lost":
             raise ConnectionLost(f"connection to node '{self.target.node}' lost mid-stream")
+        self.target.dirty.pop(ds, None)  # recv -F: the target's own changes since its newest snapshot are gone
         if base is None:
             self.target.datasets[ds] = [Snap(s.name, s.guid, s.creation) for s in upto]
         else:

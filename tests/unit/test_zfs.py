@@ -191,22 +191,68 @@ class FakeRunner:
 ZFS_FUSE = {
     "zfs send -nvP": (2, "", "invalid option 'n'\nusage:\n\tsend [-RDp] [-[iI] snapshot] <snapshot>\n"),
     "zfs get -H -o value receive_resume_token": (2, "", "bad property list: invalid property 'receive_resume_token'"),
+    "zfs get -H -o value written": (2, "", "bad property list: invalid property 'written'"),
 }
 
 
 def test_features_on_zfs_fuse() -> None:
     z = zfs.Zfs(FakeRunner(dict(ZFS_FUSE)))
     f = z.features()
-    assert not f.send_estimate and not f.resume_tokens
+    assert not f.send_estimate and not f.resume_tokens and not f.written
     z.features()
-    assert len(z.runner.calls) == 2  # detected once
+    assert len(z.runner.calls) == 3  # detected once
 
 
 def test_features_on_openzfs() -> None:
     r = FakeRunner({"zfs send -nvP": (2, "", "missing snapshot argument\nusage:\n"),
-                    "zfs get -H -o value receive_resume_token": (1, "", "cannot open '-nonexistent'")})  # fmt: skip
+                    "zfs get -H -o value receive_resume_token": (1, "", "cannot open '-nonexistent'"),
+                    "zfs get -H -o value written": (1, "", "cannot open '-nonexistent'")})  # fmt: skip
     f = zfs.Zfs(r).features()
-    assert f.send_estimate and f.resume_tokens
+    assert f.send_estimate and f.resume_tokens and f.written
+
+
+# ------------------------------------------------------------------------- markers and the change measure
+
+
+def test_set_props_is_one_zfs_command_per_property_each_word_quoted() -> None:
+    argv = zfs.set_props_argv(DS, {"readonly": "on", "replq:job": "100-0"}, clear=["replq:since"])
+    assert argv[:2] == ["sh", "-c"]
+    assert argv[2] == (f"zfs set readonly=on {DS} && zfs set replq:job=100-0 {DS} && zfs inherit replq:since {DS}")
+    for bad in ({"replq:job": "100-0; rm -rf /"}, {"replq:job": "a b"}, {"Bad:Prop": "1"}, {"replq:job": ""}):
+        with pytest.raises(ValidationError):
+            zfs.set_props_argv(DS, bad)
+
+
+def test_local_props_keep_only_what_is_set_on_the_node() -> None:
+    out = "\n".join([f"{DS}\treplq:role\treplica\tlocal", f"{DS}\treplq:guest\t100\treceived",
+                      f"{DS}\treplq:job\t-\t-"]) + "\n"
+    r = FakeRunner({"zfs get -Hp -o name,property,value,source": (0, out, "")})
+    assert zfs.Zfs(r).local_props(["replq:role", "replq:guest", "replq:job"], [DS]) == {DS: {"replq:role": "replica"}}
+
+
+def test_changed_since_without_written_counts_an_incremental_stream() -> None:
+    """zfs-fuse: snapshot the present state, count `send -i base check`, destroy the snapshot."""
+    r = FakeRunner({**ZFS_FUSE, "sh -c zfs send -i": (0, "  139304\n", "")})
+    z = zfs.Zfs(r)
+    assert z.changed_since(DS, [SNAP], "__replq_check_9__") == 139304 - zfs.EMPTY_INCREMENTAL
+    verbs = [c[1] if c[0] == "zfs" else c[2].split()[1] for c in r.calls[3:]]
+    assert verbs == ["snapshot", "send", "destroy"]
+    r = FakeRunner({**ZFS_FUSE, "sh -c zfs send -i": (0, "624\n", "")})
+    assert zfs.Zfs(r).changed_since(DS, [SNAP], "__replq_check_9__") == 0  # BEGIN and END only: unchanged
+    # With a later snapshot the source lacks: each step of the chain is counted.
+    r = FakeRunner({**ZFS_FUSE, "sh -c zfs send -i": (0, "1624\n", "")})
+    assert zfs.Zfs(r).changed_since(DS, [SNAP, "later"], "__replq_check_9__") == 2000
+    sends = [c[2] for c in r.calls if c[0] == "sh"]
+    assert [s.split()[3:5] for s in sends] == [[f"{DS}@{SNAP}", f"{DS}@later"],
+                                               [f"{DS}@later", f"{DS}@__replq_check_9__"]]
+
+
+def test_changed_since_with_written_asks_zfs() -> None:
+    r = FakeRunner({"zfs send -nvP": (2, "", "missing snapshot argument"),
+                    "zfs get -Hp -o name,property,value written@": (0, f"{DS}\twritten@later\t4096\n", ""),
+                    "zfs get -Hp -o name,property,value written --": (0, f"{DS}@later\twritten\t100\n", "")})
+    assert zfs.Zfs(r).changed_since(DS, [SNAP, "later"], "__replq_check_9__") == 4196
+    assert not any("snapshot" in c for c in r.calls)
 
 
 def test_list_ignores_missing_roots_but_not_other_errors() -> None:
