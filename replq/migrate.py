@@ -1,4 +1,4 @@
-"""Migration, guest recovery and the direction switch of replication jobs (SPEC §6).
+"""Migration and the direction switch of replication jobs (SPEC §6).
 
 - `migrate()`: offline migration, run in this process on the node that holds the guest (like
   `qm migrate`; the CLI refuses elsewhere). With a job to the target, that job runs once more
@@ -7,10 +7,9 @@
   snapshot there with the same guid), the guest moves, and only then are the source volumes
   destroyed. Until the guest record moves, nothing on the source is changed but snapshots,
   so a failure at any step leaves the guest usable where it was.
-- `guest_move()`: manual recovery of a guest stuck on a failed node (the seed's "move the guest
-  configuration files"): refused while the old node answers (split brain), unless forced.
 - the direction of the guest's jobs switches with the move (direction.py); a job whose guest
-  was moved by `guest move` or an HA manager switches at its next run (direction.lazy_switch).
+  was moved by `guest move` (recovery.py) or an HA manager switches at its next run
+  (direction.lazy_switch).
 
 Job state lives in the cluster store, not on a node, so it moves with the guest by itself: a
 switched job keeps its last_sync and continues from that snapshot.
@@ -45,8 +44,6 @@ from replq.replicate import Replication
 from replq.settings import tunable
 
 MIGRATE_SNAPSHOT = "__migrate_{epoch}__"
-PING_TIMEOUT = 2.0
-SSH_PROBE_TIMEOUT = 5.0
 
 
 # ---------------------------------------------------------------------------------- locks
@@ -98,7 +95,7 @@ class MigrateResult:
         return dict(self.__dict__)
 
 
-def _local_volumes(guest: Any, storages: dict[str, Any], target: str, what: str = "migrate") -> list[planner.Volume]:
+def local_volumes(guest: Any, storages: dict[str, Any], target: str, what: str = "migrate") -> list[planner.Volume]:
     """Every volume of the guest on local ZFS (replicate=0 included: it must move too)."""
     out = []
     for d in guest.disks:
@@ -164,7 +161,7 @@ def migrate(store: Any, vmid: int | str, target: str, node: str, *, echo: Callab
         raise MigrationRefused(f"guest {vmid} lives on node '{guest.node}': run the migration there, not on node "
                                f"'{node}' (e.g. ssh {guest.node} replq migrate {vmid} {target})")  # fmt: skip
     storages = {s.id: s for s in store.list_storages()}
-    volumes = _local_volumes(guest, storages, target)
+    volumes = local_volumes(guest, storages, target)
     job = next((j for j in store.list_jobs(vmid) if j.target == target), None)
     if job is not None and job.remove_job:
         raise MigrationRefused(f"cannot migrate guest {vmid}: replication job {job.id} to '{target}' is being "
@@ -280,118 +277,5 @@ def _copy_and_move(store: Any, res: MigrateResult, copy: list[planner.Volume], l
             remote.destroy_snapshot(v.dataset, snap)
 
 
-# ---------------------------------------------------------------------------------- guest move
-
-
-def node_answers(store: Any, name: str, redis_url: str | None = None, key_path: Any = None) -> str | None:
-    """Why node `name` is considered alive, or None when it does not answer: its replq worker
-    replies to a Celery ping, or (no worker) its SSH server accepts our login."""
-    # Celery costs ~0.3 s to import: only a guest move needs it here.
-    from replq.app import ping_worker, worker_hostname
-
-    try:
-        answers = ping_worker(name, PING_TIMEOUT, redis_url)
-    except Exception as exc:  # noqa: BLE001 - cannot ask: do not assume the node is dead
-        return f"its worker could not be asked ({exc.__class__.__name__}: {exc})"
-    if answers:
-        return f"its replq worker '{worker_hostname(name)}' answers a ping"
-    try:
-        conn = connect(store, name, key_path, timeout=SSH_PROBE_TIMEOUT)
-    except HostKeyMismatch:
-        return "no worker answers, but something answers SSH at its address (with another host key)"
-    except (NodeUnreachable, ConnectionLost):
-        return None
-    conn.close()
-    return f"no worker answers, but its SSH server ({conn.host}:{conn.port}) does"
-
-
-@dataclass
-class MoveResult:
-    vmid: int
-    source: str
-    target: str
-    forced: bool
-    reason: str | None  # why the old node was considered alive (when forced)
-    jobs: list[dict[str, Any]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def guest_move(store: Any, vmid: int | str, to: str, force: bool = False, *, redis_url: str | None = None,
-               key_path: Any = None) -> MoveResult:  # fmt: skip
-    """Record that guest `vmid` lives on `to` now (recovery from a failed node). Its jobs switch
-    direction at their next run (lazy_switch), from the newest common replication snapshot."""
-    vmid, to = check_vmid(vmid), check_node_name(to)
-    guest = store.get_guest(vmid)
-    store.get_node(to)
-    old = guest.node
-    if old == to:
-        raise MigrationRefused(f"guest {vmid} already lives on node '{to}'")
-    with guest_locks(store, vmid, "move") as lease:
-        alive = node_answers(store, old, redis_url, key_path)
-        if alive and not force:
-            raise MigrationRefused(
-                f"refusing to move guest {vmid}: node '{old}' still answers ({alive}); the guest may still run "
-                f"there and moving it would split the brain. Stop it there and use 'replq migrate', or use --force "
-                f"only if '{old}' is fenced"
-            )
-        if not force:
-            _check_replicas(store, guest, to, key_path)
-        lease.check(f"moving guest {vmid} to {to}")
-        store.set_guest_node(vmid, to)
-    res = MoveResult(vmid=vmid, source=old, target=to, forced=force, reason=alive)
-    _mark_live(store, guest, to, key_path, res.warnings.append)
-    for job in store.list_jobs(vmid):
-        # What the job will do at its next run (lazy_switch), and how old the data on `to` is.
-        target = (job.source or old) if job.target == to else job.target
-        res.jobs.append({"id": job.id, "source": to, "target": target, "last_sync": store.get_state(job.id).last_sync
-                         or None})  # fmt: skip
-    return res
-
-
-def _mark_live(store: Any, guest: Any, to: str, key_path: Any, warn: Callable[[str], None]) -> None:
-    """The replicas on `to` are the guest's live disks now: writable, marked live (best effort: the
-    first run from `to` marks them too)."""
-    volumes = _local_volumes(guest, {s.id: s for s in store.list_storages()}, to, "move")
-    if not volumes:
-        return
-    try:
-        conn = connect(store, to, key_path, timeout=SSH_PROBE_TIMEOUT)
-    except (NodeUnreachable, ConnectionLost, HostKeyMismatch) as exc:
-        warn(f"could not make the disks on '{to}' writable: {exc}; its first replication run does")
-        return
-    try:
-        z = zfs.Zfs(conn, side="target", timeout=CLEANUP_STEP)
-        there = z.list(sorted({v.pool for v in volumes}))
-        guard.mark_live(z, [v.dataset for v in volumes if v.dataset in there], guest.vmid, int(time.time()), warn)
-    except ReplqError as exc:
-        warn(f"could not make the disks on '{to}' writable: {exc}; its first replication run does")
-    finally:
-        conn.close()
-
-
-def _check_replicas(store: Any, guest: Any, to: str, key_path: Any) -> None:
-    """The guest can only start on `to` if its volumes are there (replicas of a job)."""
-    storages = {s.id: s for s in store.list_storages()}
-    volumes = _local_volumes(guest, storages, to, "move")
-    if not volumes:
-        return
-    try:
-        conn = connect(store, to, key_path, timeout=SSH_PROBE_TIMEOUT)
-    except (NodeUnreachable, ConnectionLost, HostKeyMismatch) as exc:
-        raise MigrationRefused(f"cannot check the replicas of guest {guest.vmid}: {exc} (--force skips the check)") \
-            from None
-    try:
-        listing = zfs.Zfs(conn, side="target").list(sorted({v.pool for v in volumes}))
-    finally:
-        conn.close()
-    missing = [v.volid for v in volumes if v.dataset not in listing]
-    if missing:
-        raise MigrationRefused(f"refusing to move guest {guest.vmid}: node '{to}' has no copy of {', '.join(missing)} "
-                               "(no replication job to it?); --force moves it anyway")  # fmt: skip
-
-
-__all__ = ["migrate", "guest_move", "node_answers", "MigrateResult", "MoveResult", "MigrationRefused",
-           "MigrationFailed"]
+__all__ = ["migrate", "MigrateResult", "MigrationRefused", "MigrationFailed", "guest_locks", "local_volumes",
+           "connect"]

@@ -8,6 +8,8 @@ cluster; the engine (guard.py, replicate.py, migrate.py) does the I/O around it.
     after_base         target snapshots newer than the common base that the source lacks
     divergence         may a target be rolled back to the base and receive? (else why, how much)
     source_refusal     is the guest's own disk marked as a replica (the store runs the wrong way)?
+    removal_refusal    may a target volume no longer wanted (or named by a removal) go?
+    node_alive         is a guest's old node alive (worker heartbeat, SSH handshake)?
 """
 
 from __future__ import annotations
@@ -167,3 +169,34 @@ def removal_refusal(markers: Markers, vmid: int, job_id: str) -> str | None:
     if markers.role == REPLICA and markers.job is not None and markers.job != job_id:
         return f"it is the replica of job {markers.job}"
     return None
+
+
+# ---------------------------------------------------------------------------------- liveness (item 4)
+
+
+def age_text(seconds: float) -> str:
+    """How long ago, as an operator reads it: 42 s, 5 min, 3 h, 2 d."""
+    s = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s // size} {unit}"
+    return f"{s} s"
+
+
+def node_alive(heartbeat: float | None, now: float, window: float, ssh: tuple[str, str]) -> str | None:
+    """Why a node counts as alive for `guest move` (SPEC §6), in words, or None when there is no
+    evidence of it: its worker sent a heartbeat within the liveness window, or its SSH port
+    completes a handshake with the pinned host key (a refused login means it runs: only no
+    connection at all is no evidence). Another host key at its address is not the node, but
+    something answers there: it counts as alive until the operator says otherwise (--force).
+    `ssh` is ssh.Connection.probe()'s (outcome, words)."""
+    evidence = []
+    if heartbeat is not None and now - heartbeat <= window:
+        evidence.append(f"its worker sent a heartbeat {age_text(now - heartbeat)} ago (liveness window "
+                        f"{window:g} s)")
+    outcome, words = ssh
+    if outcome in ("login", "refused"):
+        evidence.append(words)
+    elif outcome == "other-key":
+        evidence.append(f"something answers SSH at its address, with another host key ({words})")
+    return "; ".join(evidence) or None

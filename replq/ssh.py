@@ -110,11 +110,26 @@ class Connection:
     def connect(self) -> Connection:
         if not self.host_key:
             raise HostKeyMismatch(f"no pinned SSH host key for {self.where}: refusing to connect")
-        ktype, blob = parse_pinned_key(self.host_key)
         try:
             pkey = paramiko.PKey.from_path(self.key_path)
         except (OSError, paramiko.SSHException, ValueError) as exc:
             raise NodeUnreachable(f"cannot load the SSH key {self.key_path} to reach {self.where}: {exc}") from None
+        t = self._handshake()
+        try:
+            t.auth_publickey(self.user, pkey)
+            t.set_keepalive(KEEPALIVE)
+        except paramiko.AuthenticationException as exc:
+            t.close()
+            raise NodeUnreachable(f"SSH login as '{self.user}' to {self.where} refused: {exc}") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            t.close()
+            raise NodeUnreachable(f"{self.where} is unreachable: SSH: {exc}") from None
+        self.transport = t
+        return self
+
+    def _handshake(self) -> paramiko.Transport:
+        """TCP connection and SSH key exchange, the server's host key checked against the pinned one."""
+        ktype, blob = parse_pinned_key(self.host_key or "")
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as exc:
@@ -132,25 +147,39 @@ class Connection:
             opts.compression = ("none",)
             t.start_client(timeout=self.connect_timeout)
             remote = t.get_remote_server_key()
-            if remote.get_name() != ktype or remote.asbytes() != blob:
-                raise HostKeyMismatch(
-                    f"host key of {self.where} changed: got {remote.get_name()} {fingerprint(remote.asbytes())}, "
-                    f"pinned {ktype} {fingerprint(blob)}; refusing to connect (update the node's pinned key if "
-                    "this change is expected)"
-                )
-            t.auth_publickey(self.user, pkey)
-            t.set_keepalive(KEEPALIVE)
-        except HostKeyMismatch:
-            t.close()
-            raise
-        except paramiko.AuthenticationException as exc:
-            t.close()
-            raise NodeUnreachable(f"SSH login as '{self.user}' to {self.where} refused: {exc}") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             t.close()
             raise NodeUnreachable(f"{self.where} is unreachable: SSH: {exc}") from None
-        self.transport = t
-        return self
+        if remote.get_name() != ktype or remote.asbytes() != blob:
+            t.close()
+            raise HostKeyMismatch(
+                f"host key of {self.where} changed: got {remote.get_name()} {fingerprint(remote.asbytes())}, "
+                f"pinned {ktype} {fingerprint(blob)}; refusing to connect (update the node's pinned key if "
+                "this change is expected)"
+            )
+        return t
+
+    def probe(self) -> tuple[str, str]:
+        """What answers SSH at the node's address, for the liveness check of a guest move (SPEC §6):
+        ("login", …) the pinned host key and our login accepted; ("refused", …) the pinned host key,
+        but our login refused or our key unusable (the node runs all the same); ("other-key", …)
+        another host key; ("silent", …) no connection or no SSH handshake. The second item says it
+        in words."""
+        try:
+            t = self._handshake()
+        except HostKeyMismatch as exc:
+            return "other-key", str(exc)
+        except NodeUnreachable as exc:
+            return "silent", str(exc)
+        try:
+            pkey = paramiko.PKey.from_path(self.key_path)
+            t.auth_publickey(self.user, pkey)
+            return "login", f"its SSH server ({self.host}:{self.port}) answers with the pinned host key"
+        except (OSError, paramiko.SSHException, ValueError, EOFError) as exc:
+            return "refused", (f"its SSH server ({self.host}:{self.port}) answers with the pinned host key (our login "
+                               f"failed: {exc.__class__.__name__}: {exc})")
+        finally:
+            t.close()
 
     def _tune_socket(self, sock: socket.socket) -> None:
         # The kernel gives up on a peer that stops acknowledging for ~30 s (TCP_USER_TIMEOUT),
@@ -359,7 +388,12 @@ def _drain(recv: object, chan: paramiko.Channel) -> bytes:
 
 def connect_node(node: object, key_path: str | Path, **kw: object) -> Connection:
     """A connected Connection to a store Node (name, host, port, user, host_key)."""
-    conn = Connection(
+    return node_connection(node, key_path, **kw).connect()
+
+
+def node_connection(node: object, key_path: str | Path, **kw: object) -> Connection:
+    """An unconnected Connection to a store Node (connect() or probe() it)."""
+    return Connection(
         node=node.name,  # type: ignore[attr-defined]
         host=node.host,  # type: ignore[attr-defined]
         port=node.port,  # type: ignore[attr-defined]
@@ -368,7 +402,6 @@ def connect_node(node: object, key_path: str | Path, **kw: object) -> Connection
         key_path=key_path,
         **kw,  # type: ignore[arg-type]
     )
-    return conn.connect()
 
 
 # Host key types `node add` pins, best first (RSA is negotiated under its signature names).

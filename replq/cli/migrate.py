@@ -49,19 +49,19 @@ def migrate_cmd(env: Env, vmid: str, target: str, verbose: bool, output_format: 
 @click.command("move")
 @click.argument("vmid", metavar="VMID")
 @click.option("--to", "to", required=True, metavar="NODE", help="The node that takes over the guest.")
-@click.option("--force", is_flag=True, help="Move even though the old node still answers (it must be fenced).")
+@click.option("--force", is_flag=True, help="Move even though the old node is alive (it must be fenced).")
 @output_option
 @pass_env
 def guest_move_cmd(env: Env, vmid: str, to: str, force: bool, output_format: str) -> None:
-    """Move a guest stuck on a failed node to NODE (recovery; refused while the old node answers).
+    """Move a guest stuck on a failed node to NODE (recovery; refused while the old node is alive).
 
     Its replication jobs switch direction at their next run and go on incrementally from the newest
     common replication snapshot; data written on the old node after the last sync is not on NODE."""
-    from replq.migrate import guest_move  # paramiko and Celery (~0.5 s): only when moving
+    from replq import recovery  # paramiko (~0.3 s): only when moving
 
-    res = guest_move(env.store(), vmid, to, force, redis_url=env.redis_url)
+    res = recovery.guest_move(env.store(), vmid, to, force)
     lines = [f"guest {res.vmid} moved from {res.source} to {res.target}"
-             + (f" (forced: node '{res.source}' still answers: {res.reason})" if res.reason else "")]
+             + (f" (forced: node '{res.source}' is alive: {res.reason})" if res.reason else "")]
     for j in res.jobs:
         lines.append(f"job {j['id']}: next run replicates {j['source']} => {j['target']} "
                      f"(last sync {_when(j['last_sync'])})")  # fmt: skip

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from replq import migrate
+from replq import recovery
 from replq.direction import commit_switch, lazy_switch, switched
 from replq.errors import Conflict, MigrationRefused
-from replq.migrate import guest_move
 from replq.model import Disk, Guest, Job, Node, Storage
+from replq.recovery import guest_move
 from replq.store import Store
 
 
@@ -87,9 +87,10 @@ def test_lazy_switch_per_job_and_collisions(store: Store) -> None:
     assert store.get_job("100-0").target == "pve2"
 
 
-def test_guest_move_refused_while_the_old_node_answers(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(migrate, "node_answers", lambda *a, **k: "its replq worker 'replq@pve1' answers a ping")
-    with pytest.raises(MigrationRefused, match="node 'pve1' still answers .*--force"):
+def test_guest_move_refused_while_the_old_node_is_alive(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recovery, "node_alive", lambda *a, **k: "its worker sent a heartbeat 3 s ago")
+    alive = r"node .pve1. is alive \(its worker sent a heartbeat 3 s ago\).*--force"
+    with pytest.raises(MigrationRefused, match=alive):
         guest_move(store, 100, "pve2")
     assert store.get_guest(100).node == "pve1"
     res = guest_move(store, 100, "pve2", force=True)
@@ -100,7 +101,7 @@ def test_guest_move_refused_while_the_old_node_answers(store: Store, monkeypatch
 
 
 def test_guest_move_refused_while_the_guest_is_locked(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(migrate, "node_answers", lambda *a, **k: None)
+    monkeypatch.setattr(recovery, "node_alive", lambda *a, **k: None)
     lock = store.lock("guest", 100, 30)
     assert lock.acquire(blocking=False)
     store.update_state("100-1", worker="pve1:4242")

@@ -8,10 +8,12 @@ from replq.model import Snapshot
 from replq.safety import (
     Markers,
     after_base,
+    age_text,
     divergence,
     is_own_copy,
     live_markers,
     measure_from,
+    node_alive,
     removal_refusal,
     replica_markers,
     source_refusal,
@@ -145,3 +147,33 @@ def test_markers_parse_only_what_replq_wrote() -> None:
 def test_a_volume_no_longer_wanted_goes_only_if_it_is_this_jobs_replica(markers: Markers, keep: str | None) -> None:
     why = removal_refusal(markers, 100, "100-0")
     assert (why is None) if keep is None else (keep in (why or ""))
+
+
+# ------------------------------------------------------------------------- liveness (item 4)
+
+NOW = 10_000.0
+SILENT = ("silent", "node 'node1' (10.0.0.1:22) is unreachable: [Errno 111] Connection refused")
+
+
+@pytest.mark.parametrize(("heartbeat", "ssh", "evidence"), [
+    (NOW - 3, SILENT, "its worker sent a heartbeat 3 s ago (liveness window 60 s)"),
+    (NOW - 60, SILENT, "heartbeat 1 min ago"),  # the window's edge still counts
+    (None, ("refused", "its SSH server (10.0.0.1:22) answers with the pinned host key (our login failed: …)"),
+     "answers with the pinned host key"),  # a refused login: the node runs
+    (None, ("login", "its SSH server (10.0.0.1:22) answers with the pinned host key"), "pinned host key"),
+    (None, ("other-key", "host key of node 'node1' changed"), "with another host key"),
+    (NOW - 5, ("refused", "its SSH server answers"), "5 s ago (liveness window 60 s); its SSH server answers"),
+])
+def test_a_node_is_alive_when_anything_says_so(heartbeat: float | None, ssh: tuple[str, str], evidence: str) -> None:
+    alive = node_alive(heartbeat, NOW, 60, ssh)
+    assert alive is not None and evidence in alive, alive
+
+
+@pytest.mark.parametrize("heartbeat", [None, NOW - 61, NOW - 3600])
+def test_a_node_is_dead_only_without_heartbeat_and_without_ssh(heartbeat: float | None) -> None:
+    assert node_alive(heartbeat, NOW, 60, SILENT) is None
+
+
+def test_age_text() -> None:
+    assert [age_text(s) for s in (0, 59, 60, 3599, 3600, 86400 * 2 + 5, -3)] == \
+        ["0 s", "59 s", "1 min", "59 min", "1 h", "2 d", "0 s"]
