@@ -10,6 +10,7 @@ cluster; the engine (guard.py, replicate.py, migrate.py) does the I/O around it.
     source_refusal     is the guest's own disk marked as a replica (the store runs the wrong way)?
     removal_refusal    may a target volume no longer wanted (or named by a removal) go?
     node_alive         is a guest's old node alive (worker heartbeat, SSH handshake)?
+    fresher            does another node hold a newer replica of one of the guest's disks?
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from replq.model import Snapshot
+from replq.model import Snapshot, job_id_sort_key
 
 
 def is_own_copy(target: Sequence[Snapshot] | None, sent: Sequence[Snapshot], snap: str, guid: int) -> bool:
@@ -200,3 +201,45 @@ def node_alive(heartbeat: float | None, now: float, window: float, ssh: tuple[st
     elif outcome == "other-key":
         evidence.append(f"something answers SSH at its address, with another host key ({words})")
     return "; ".join(evidence) or None
+
+
+# ---------------------------------------------------------------------------------- freshest replica (item 5)
+
+
+@dataclass(frozen=True)
+class Replica:
+    """The newest replication snapshot of one of the guest's disks on one node."""
+
+    node: str
+    dataset: str
+    snapshot: Snapshot | None  # None: the node has the dataset without a replication snapshot of the guest
+
+
+def newest_replica(node: str, dataset: str, snaps: Sequence[Snapshot], vmid: int) -> Replica:
+    mine = [s for s in snaps if s.replication is not None and job_id_sort_key(s.replication[0])[0] == vmid]
+    best = max(mine, key=lambda s: (s.creation, s.replication[1] if s.replication else 0), default=None)
+    return Replica(node, dataset, best)
+
+
+def fresher(replicas: Sequence[Replica], to: str) -> list[tuple[Replica, Replica]]:
+    """Per disk, (a replica on another node newer than `to`'s, `to`'s) when one exists: newer by
+    creation time, unless both are the same snapshot (same name and guid)."""
+    mine = {r.dataset: r for r in replicas if r.node == to}
+    out = []
+    for r in replicas:
+        here = mine.get(r.dataset)
+        if r.node == to or here is None or r.snapshot is None:
+            continue
+        h = here.snapshot
+        if h is None or ((r.snapshot.name, r.snapshot.guid) != (h.name, h.guid) and r.snapshot.creation > h.creation):
+            out.append((r, here))
+    return out
+
+
+def freshest_node(replicas: Sequence[Replica]) -> str | None:
+    """The node holding every disk, none of them older than another node's (None if no node does)."""
+    disks = {r.dataset for r in replicas}
+    for node in sorted({r.node for r in replicas}):
+        if {r.dataset for r in replicas if r.node == node} == disks and not fresher(replicas, node):
+            return node
+    return None

@@ -48,17 +48,33 @@ def migrate_cmd(env: Env, vmid: str, target: str, verbose: bool, output_format: 
 
 @click.command("move")
 @click.argument("vmid", metavar="VMID")
-@click.option("--to", "to", required=True, metavar="NODE", help="The node that takes over the guest.")
-@click.option("--force", is_flag=True, help="Move even though the old node is alive (it must be fenced).")
+@click.option("--to", "to", metavar="NODE", help="The node that takes over the guest (without: name the freshest).")
+@click.option("--force", is_flag=True, help="Move even though the old node is alive (it must be fenced) or another "
+              "node holds a newer replica.")
 @output_option
 @pass_env
-def guest_move_cmd(env: Env, vmid: str, to: str, force: bool, output_format: str) -> None:
-    """Move a guest stuck on a failed node to NODE (recovery; refused while the old node is alive).
+def guest_move_cmd(env: Env, vmid: str, to: str | None, force: bool, output_format: str) -> None:
+    """Move a guest stuck on a failed node to NODE (recovery; refused while the old node is alive or
+    another node holds a newer replica). Without --to, name the node with the freshest replicas.
 
     Its replication jobs switch direction at their next run and go on incrementally from the newest
     common replication snapshot; data written on the old node after the last sync is not on NODE."""
     from replq import recovery  # paramiko (~0.3 s): only when moving
 
+    if to is None:
+        if force:
+            raise click.UsageError("--force needs --to")
+        found = recovery.propose(env.store(), vmid)
+        lines = [f"guest {found['vmid']} lives on node '{found['node']}'; its replicas:"]
+        lines += [f"  {r['node']}: {r['dataset']} {r['snapshot'] or '-'} ({r['age']})" for r in found["replicas"]]
+        lines += [f"  {n}: cannot be asked: {why}" for n, why in sorted(found["unreachable"].items())]
+        if found["freshest"]:
+            lines.append(f"the freshest replicas are on node '{found['freshest']}': "
+                         f"replq guest move {found['vmid']} --to {found['freshest']}")
+        else:
+            lines.append("no node holds the freshest replica of every disk")
+        emit(found, output_format, "\n".join(lines))
+        return
     res = recovery.guest_move(env.store(), vmid, to, force)
     lines = [f"guest {res.vmid} moved from {res.source} to {res.target}"
              + (f" (forced: node '{res.source}' is alive: {res.reason})" if res.reason else "")]

@@ -246,10 +246,15 @@ def test_guest_move_refuses_a_node_without_the_freshest_replica(faults: Faults) 
     try:
         f.sb.stop_node("node1")
         r = f.replq("node2", "guest", "move", "808", "--to", "node2")
+        proposal = f.replq("node2", "guest", "move", "808")  # without --to: which node is freshest?
     finally:
         f.sb.start_node("node1")
     assert_move_refused(f, r, 808, "guest moved onto node2's older replica although node3 holds a newer one")
     assert "node3" in r.stderr and "newer" in r.stderr, r.stderr
+    assert r.stderr.count("synced") == 2 and "ago" in r.stderr, r.stderr  # the age of both replicas
+    assert proposal.returncode == 0, proposal.stderr
+    assert "the freshest replicas are on node 'node3': replq guest move 808 --to node3" in proposal.stdout
+    assert f.store.get_guest(808).node == "node1"  # the proposal moves nothing
 
 
 def test_after_a_move_the_newer_replica_is_not_rolled_back(faults: Faults) -> None:

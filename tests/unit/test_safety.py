@@ -7,12 +7,16 @@ import pytest
 from replq.model import Snapshot
 from replq.safety import (
     Markers,
+    Replica,
     after_base,
     age_text,
     divergence,
+    fresher,
+    freshest_node,
     is_own_copy,
     live_markers,
     measure_from,
+    newest_replica,
     node_alive,
     removal_refusal,
     replica_markers,
@@ -177,3 +181,44 @@ def test_a_node_is_dead_only_without_heartbeat_and_without_ssh(heartbeat: float 
 def test_age_text() -> None:
     assert [age_text(s) for s in (0, 59, 60, 3599, 3600, 86400 * 2 + 5, -3)] == \
         ["0 s", "59 s", "1 min", "59 min", "1 h", "2 d", "0 s"]
+
+
+# ------------------------------------------------------------------------- freshest replica (item 5)
+
+DS0, DS1 = "rpool/data/subvol-100-disk-0", "rpool/data/subvol-100-disk-1"
+S_A = Snapshot("__replicate_100-0_1000__", 1, 1000)  # node2's last sync
+S_B = Snapshot("__replicate_100-1_2000__", 2, 2000)  # node3's, later
+FOREIGN = Snapshot("__replicate_200-0_9000__", 9, 9000)  # another guest's: never counts
+
+
+def test_newest_replica_counts_only_the_guests_replication_snapshots() -> None:
+    assert newest_replica("node3", DS0, [S_A, S_B, FOREIGN, Snapshot("manual", 5, 9500)], 100).snapshot == S_B
+    assert newest_replica("node3", DS0, [Snapshot("manual", 5, 9500)], 100).snapshot is None
+
+
+def test_a_node_with_an_older_replica_is_refused_and_the_newer_one_named() -> None:
+    found = [Replica("node2", DS0, S_A), Replica("node3", DS0, S_B)]
+    assert fresher(found, "node2") == [(found[1], found[0])]
+    assert fresher(found, "node3") == []
+    assert freshest_node(found) == "node3"
+
+
+def test_the_same_snapshot_on_both_is_equally_fresh() -> None:
+    found = [Replica("node2", DS0, S_B), Replica("node3", DS0, S_B)]
+    assert fresher(found, "node2") == fresher(found, "node3") == []
+    # Same name, another guid (a diverged history): the later creation wins.
+    other = Snapshot(S_B.name, 99, 2500)
+    assert fresher([Replica("node2", DS0, S_B), Replica("node3", DS0, other)], "node2") != []
+
+
+def test_freshness_is_per_disk() -> None:
+    """node2 is newer for disk-0, node3 for disk-1: neither is the freshest for every disk."""
+    found = [Replica("node2", DS0, S_B), Replica("node3", DS0, S_A), Replica("node2", DS1, S_A),
+             Replica("node3", DS1, S_B)]
+    assert [r.dataset for r, _ in fresher(found, "node2")] == [DS1]
+    assert freshest_node(found) is None
+    assert freshest_node([Replica("node2", DS0, S_B)]) == "node2"
+    # A node without one of the disks is never the freshest.
+    assert freshest_node([Replica("node2", DS0, S_A), Replica("node3", DS0, S_B), Replica("node2", DS1, S_A)]) is None
+    # A node without a replication snapshot of the guest is older than any that has one.
+    assert fresher([Replica("node2", DS0, None), Replica("node3", DS0, S_A)], "node2") != []
