@@ -235,11 +235,23 @@ class JobRun:
                                "committed receive left it")
             raise Cancelled("replication cancelled")
 
-    def cleanup(self, z: zfs.Zfs, dataset: str, name: str, where: str) -> None:
+    def current_bases(self, vmid: int) -> dict[str, str]:
+        """Every other job of the guest (not being removed) → its last_sync snapshot, its base."""
+        out = {}
+        for j in self.store.list_jobs(vmid):
+            last = int(self.store.get_state(j.id).last_sync or 0)
+            if j.id != self.job_id and not j.remove_job and last:
+                out[j.id] = planner.snapshot_name(j.id, last)
+        return out
+
+    def cleanup(self, z: zfs.Zfs, dataset: str, name: str, where: str, what: str | None = None) -> None:
         """Delete an old replication snapshot after success; a failure only leaves it for the next run.
         Logged as pvesr does: on the source `delete previous replication snapshot`, on the target
-        what its finalize-local-job says."""
-        if where == self.node:
+        what its finalize-local-job says; `what` names a snapshot that is not this job's own (a
+        leftover of another job's `send -R`)."""
+        if what is not None:
+            self.log(f"delete {what} '{name}' on {self.volid(dataset)} on node '{where}'")
+        elif where == self.node:
             self.log(f"delete previous replication snapshot '{name}' on {self.volid(dataset)}")
         else:
             self.log(f"(remote_finalize_local_job) delete stale replication snapshot '{name}' on {self.volid(dataset)}")

@@ -269,3 +269,22 @@ def held_bases(others: Iterable[tuple[str, int]], listing: Listing) -> dict[tupl
                 best = max(older, key=lambda s: (s.creation, (s.replication or ("", 0))[1]))
                 out[(ds, best.name)] = other
     return out
+
+
+def leftovers(vmid: int, job_id: str, target: Sequence[Snapshot], source: Sequence[Snapshot],
+              bases: Mapping[str, str]) -> list[str]:
+    """Replication snapshots that `send -R` carried to a target and nobody needs any more (SPEC §5
+    step 8, §7): another job's of this guest (`job_id`'s own are the plan's), that is no job's
+    current base (`bases`: job → its last_sync snapshot; after a failover that is the common base
+    between two targets) and that the source no longer has (there it may still be a base)."""
+    on_source = {(s.name, s.guid) for s in source}
+    keep = set(bases.values())
+    out = []
+    for s in target:
+        r = s.replication
+        if r is None or r[0] == job_id or job_id_sort_key(r[0])[0] != vmid:
+            continue
+        if s.name in keep or (s.name, s.guid) in on_source:
+            continue
+        out.append(s.name)
+    return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from replq import jobstate
+from replq import guard, jobstate, safety, zfs
 from replq import plan as planner
 from replq.errors import ConnectionLost, JobRefused, NodeUnreachable, ReplqError
 from replq.jobrun import JobRun, RunResult
@@ -74,22 +74,34 @@ class Removal(JobRun):
 
         try:
             remote = self.connect(job)
-            target = job_datasets(remote.list(pools))
+            there = remote.list(pools)
         except (NodeUnreachable, ConnectionLost):
             if job.remove_job == "full":
                 raise
             self.log(f"warning: target node '{job.target}' not reachable: its snapshots stay")
-            remote, target = None, {}
+            remote, there = None, {}
+        listing = self.local.list(pools)
+        bases = self.current_bases(guest.vmid)
+        target = job_datasets(there)
+        marks = guard.markers(remote, sorted(target)) if remote is not None and job.remove_job == "full" else {}
         for ds, names in sorted(target.items()):
             assert remote is not None
             if job.remove_job == "full":
+                keep = safety.removal_refusal(marks[ds], guest.vmid, self.job_id)
+                if keep:
+                    self.log(f"keep volume '{ds}' on {job.target}: {keep}")
+                    continue
                 self.fence(f"deleting volume '{ds}' on {job.target}")
                 self.log(f"(remote_prepare_local_job) {self.job_id}: delete stale volume '{self.volid(ds)}'")
                 remote.destroy_dataset(ds)
             else:
                 for name in names:
                     self.cleanup(remote, ds, name, job.target)
-        listing = self.local.list(pools)
+        if remote is not None and job.remove_job != "full":
+            # The replica stays: without this job no replication snapshot on it is anyone's base.
+            for ds in sorted(ds for ds in there if planner.volname_vmid(ds.rsplit("/", 1)[-1]) == guest.vmid):
+                for name in planner.leftovers(guest.vmid, self.job_id, there[ds], listing.get(ds, []), bases):
+                    self.cleanup(remote, ds, name, job.target, "leftover replication snapshot")
         held = self.held_bases(guest.vmid, listing)
         for ds, names in sorted(job_datasets(listing).items()):
             for name in names:
@@ -99,6 +111,30 @@ class Removal(JobRun):
                 self.fence(f"deleting '{ds}@{name}' on {self.node}")
                 self.log(f"delete stale replication snapshot '{name}' on {self.volid(ds)}")  # pvesr's prepare
                 self.local.destroy_snapshot(ds, name)
+        self._clean_other_targets(job, guest, pools, job_datasets)
+
+    def _clean_other_targets(self, job: Any, guest: Any, pools: list[str], job_datasets: Any) -> None:
+        """This job's snapshots that `send -R` carried to the guest's other jobs' targets: gone once
+        the source no longer has them (one it keeps is another job's base there). Best effort."""
+        source = self.local.list(pools)
+        nodes = sorted({j.target for j in self.store.list_jobs(guest.vmid)} - {job.target, self.node})
+        for node in nodes:
+            try:
+                conn = self._connect_node(self.store.get_node(node))
+            except ReplqError as exc:
+                self.log(f"warning: node '{node}' not reachable: snapshots of {self.job_id} there stay ({exc})")
+                continue
+            try:
+                z = zfs.Zfs(conn, side="target", timeout=self.stall_timeout)
+                for ds, names in sorted(job_datasets(z.list(pools)).items()):
+                    have = {s.name for s in source.get(ds, [])}
+                    for name in names:
+                        if name not in have:
+                            self.cleanup(z, ds, name, node, "snapshot carried there by another job")
+            except ReplqError as exc:
+                self.log(f"warning: could not clean up node '{node}': {exc}")
+            finally:
+                conn.close()
 
 
 def remove_job(store: Any, job_id: str, node: str, **kw: Any) -> RunResult:

@@ -266,6 +266,12 @@ class Replication(JobRun):
         for vp in p.volumes:
             for name in vp.cleanup_target:
                 self.cleanup(remote, vp.dataset, name, job.target)
+        # Other jobs' snapshots that `send -R` carried here and nobody needs any more (SPEC §5 step 8).
+        bases = self.current_bases(guest.vmid)
+        for vp in p.volumes:
+            for name in planner.leftovers(guest.vmid, self.job_id, target.get(vp.dataset, []), source[vp.dataset],
+                                          bases):
+                self.cleanup(remote, vp.dataset, name, job.target, "leftover replication snapshot")
         progress.update(0, force=True)
         return sorted({v.storage for v in volumes})
 

@@ -7,7 +7,7 @@ import pytest
 
 from replq.errors import ValidationError
 from replq.model import Disk, Guest
-from replq.plan import NoCommonBase, Snapshot, Volume, choose_base, make_plan, snapshot_name
+from replq.plan import NoCommonBase, Snapshot, Volume, choose_base, leftovers, make_plan, snapshot_name
 
 # ------------------------------------------------------------------------- 2: a guest's own disks
 
@@ -35,3 +35,20 @@ def test_fallback_base_comes_only_from_the_same_guests_jobs() -> None:
     # The same guest's other job is a valid fallback base (after a move, SPEC §6).
     own = Snapshot(snapshot_name("803-1", 1_000), guid=8, creation=1_000)
     assert choose_base("803-0", None, [own], [own]) == (own, True)
+
+
+# ------------------------------------------------------------------------- 8: leftovers of send -R
+
+
+def test_leftovers_are_other_jobs_snapshots_nobody_needs() -> None:
+    own = Snapshot(snapshot_name("814-0", 3_000), 1, 3_000)
+    stale = Snapshot(snapshot_name("814-1", 1_000), 2, 1_000)  # carried by -R, then 814-1 synced again
+    base = Snapshot(snapshot_name("814-2", 2_000), 3, 2_000)  # 814-2's last sync: a failover base
+    kept_on_source = Snapshot(snapshot_name("814-3", 1_500), 4, 1_500)  # still a base there (after a move)
+    foreign = Snapshot(snapshot_name("900-0", 1_000), 5, 1_000)  # another guest's: not ours to judge
+    manual = Snapshot("before-upgrade", 6, 900)
+    target = [own, stale, base, kept_on_source, foreign, manual]
+    bases = {"814-0": own.name, "814-1": snapshot_name("814-1", 2_500), "814-2": base.name}
+    assert leftovers(814, "814-0", target, [own, kept_on_source], bases) == [stale.name]
+    # Seen from 814-1's removal: its own snapshots are the removal's; 814-3's is gone from the source.
+    assert leftovers(814, "814-1", target, [own], {"814-0": own.name, "814-2": base.name}) == [kept_on_source.name]
