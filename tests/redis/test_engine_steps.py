@@ -4,12 +4,14 @@ tests (tests/cluster/test_replicate.py) prove the same on real zfs-fuse and sshd
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 
 import pytest
 
 from replq import jobstate
+from replq.errors import JobRefused
 from replq.model import Disk, Guest, Job, Node, Storage, snapshot_name
 from replq.replicate import Replication
 from replq.store import Store
@@ -383,3 +385,40 @@ def test_a_source_marked_as_a_replica_is_refused(engine: Engine) -> None:
     res = engine.run(2_000)
     assert not res.ok and "is marked as a replica of job 100-0 received from node 'node2'" in res.error
     assert engine.steps() == []
+
+
+# ---- the guest lock: re-read after taking it, checked before every destructive step (issue 11 §3) ----
+
+
+def test_a_guest_moved_while_the_run_waited_for_its_lock_is_refused(engine: Engine) -> None:
+    class Racing(Replication):
+        @contextlib.contextmanager
+        def guest_lock(self, vmid: int) -> Iterator[None]:
+            self.store.set_guest_node(vmid, "node2")  # a guest move between the run's read and its lock
+            with super().guest_lock(vmid):
+                yield
+
+    with pytest.raises(JobRefused, match="guest 100 moved to node 'node2' while job 100-0 waited for its lock"):
+        Racing(engine.store, "100-0", "node1", local=engine.src, connect=lambda node: engine.dst,
+               send=engine.transfer, clock=lambda: 1_000).run()
+    assert engine.order == [] and engine.store.get_state("100-0").last_try == 0
+
+
+def test_a_lock_taken_over_mid_run_stops_before_the_next_destructive_step(engine: Engine) -> None:
+    """The guest lock expired while this engine was cut off and another holder took it: the
+    engine must not receive D1 (a receive may roll back), nor clean anything up."""
+    engine.run(1_000)
+
+    def taken_over(conn: object, send_argv: list[str], recv_argv: list[str], **kw: object) -> tuple[int, float]:
+        out = engine.transfer(conn, send_argv, recv_argv, **kw)
+        engine.store.redis.set(engine.store.k("lock", "guest", 100), "99:another-holder")
+        return out
+
+    res = Replication(engine.store, "100-0", "node1", local=engine.src, connect=lambda node: engine.dst,
+                      send=taken_over, clock=lambda: 2_000).run()
+    assert not res.ok and "lock of guest 100 lost (expired or taken over)" in (res.error or "")
+    assert "not receiving (may roll back to the base) rpool/data/subvol-100-disk-1" in res.error
+    sends = [argv[-1] for argv, _ in engine.transfer.sends]
+    assert sends[-1] == f"{D0}@{snap(2_000)}"  # D1 was never sent
+    assert [s for s in engine.steps() if "destroy" in s or "rollback" in s] == []  # nothing cleaned up
+    assert engine.store.redis.get(engine.store.k("lock", "guest", 100)) == "99:another-holder"  # not released
